@@ -1,1 +1,129 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests. Every test runs against the cluster that
+//! `hack/with-cluster` started (through `KUBECONFIG`), in a namespace of its own.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, ListParams, ObjectMeta, PostParams};
+use kube::{Client, Resource};
+use serde::de::DeserializeOwned;
+
+/// A client for the test cluster. Fails with a hint when the test was not started through
+/// `hack/with-cluster`.
+pub async fn client() -> anyhow::Result<Client> {
+    if std::env::var_os("KUBECONFIG").is_none() {
+        bail!("KUBECONFIG is not set: run integration tests through `make integration` or `hack/with-cluster cargo test -p kinfer-tests`");
+    }
+    Client::try_default().await.context("building a client from KUBECONFIG")
+}
+
+/// Creates a namespace named after the test, unique per run.
+pub async fn namespace(client: &Client, test: &str) -> anyhow::Result<String> {
+    let suffix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .subsec_nanos();
+    let name = format!("{}-{suffix:x}", test.replace('_', "-"));
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            labels: Some([("kinfer.dev/test".to_string(), test.to_string())].into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await?;
+    // Pods cannot be created before the namespace's default ServiceAccount exists.
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(client.clone(), &name);
+    poll(Duration::from_secs(30), || async {
+        Ok(sas.get_opt("default").await?.is_some())
+    })
+    .await
+    .context("default ServiceAccount")?;
+    Ok(name)
+}
+
+/// Polls `check` every 100 ms until it returns true; fails after `timeout`.
+pub async fn poll<F, Fut>(timeout: Duration, mut check: F) -> anyhow::Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<bool>>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await? {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > timeout {
+            bail!("condition not met within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the object exists and `cond` holds for it; returns the object.
+pub async fn wait_for<K>(
+    api: &Api<K>,
+    name: &str,
+    timeout: Duration,
+    cond: impl Fn(&K) -> bool,
+) -> anyhow::Result<K>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let mut last = None;
+    let result = poll(timeout, || {
+        let api = api.clone();
+        let name = name.to_string();
+        let found = &mut last;
+        let cond = &cond;
+        async move {
+            let obj = api.get_opt(&name).await?;
+            let ok = obj.as_ref().is_some_and(cond);
+            *found = obj;
+            Ok(ok)
+        }
+    })
+    .await;
+    match result {
+        Ok(_) => Ok(last.expect("condition held on an object")),
+        Err(e) => Err(e).with_context(|| format!("waiting for {name}; last seen: {last:#?}")),
+    }
+}
+
+pub fn pod_condition(pod: &Pod, kind: &str) -> Option<String> {
+    pod.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == kind)
+        .map(|c| c.status.clone())
+}
+
+pub fn pod_ready(pod: &Pod) -> bool {
+    pod_condition(pod, "Ready").as_deref() == Some("True")
+}
+
+/// Pods of the namespace that match a label selector.
+pub async fn pods(client: &Client, ns: &str, selector: &str) -> anyhow::Result<Vec<Pod>> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    Ok(api.list(&ListParams::default().labels(selector)).await?.items)
+}
+
+/// The scheduler's verdict on a pod it could not place: `Some(message)` when the pod's
+/// PodScheduled condition is False with reason Unschedulable.
+pub fn unschedulable_message(pod: &Pod) -> Option<String> {
+    let cond = pod
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "PodScheduled")?;
+    (cond.status == "False" && cond.reason.as_deref() == Some("Unschedulable"))
+        .then(|| cond.message.clone().unwrap_or_default())
+}
