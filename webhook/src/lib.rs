@@ -9,3 +9,5 @@ pub mod admission;
 pub mod annotations;
 pub mod config;
 pub mod placement;
+pub mod server;
+pub mod tls;
