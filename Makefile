@@ -21,8 +21,13 @@ help:
 	@echo "make tools  build the local control plane (Kubernetes, KWOK, CRDs) under $(BIN)/"
 	@echo "make build  build the Rust workspace"
 
+KNATIVE := $(BIN)/knative
+KNATIVE_SRC := tests/knative/go.mod tests/knative/go.sum $(wildcard tests/knative/*.go)
+
 .PHONY: tools
-tools: $(BIN)/k8senv $(BIN)/kubectl $(BIN)/kwok $(BIN)/crds/.done
+tools: $(BIN)/k8senv $(BIN)/kubectl $(BIN)/kwok $(BIN)/crds/.done \
+  $(KNATIVE)/kinfer-knative-controller $(KNATIVE)/knative-autoscaler $(KNATIVE)/knative-webhook \
+  $(KNATIVE)/manifests/.done
 
 $(BIN)/k8senv: tests/k8senv/go.mod tests/k8senv/go.sum $(wildcard tests/k8senv/*.go) tests/k8senv/stages/stages.yaml
 	@mkdir -p $(BIN)
@@ -38,6 +43,20 @@ $(BIN)/kwok:
 
 $(BIN)/crds/.done: hack/crds.sh
 	hack/crds.sh $(BIN)/crds
+	touch $@
+
+# Knative Serving v0.50.0 (Knative 1.23): the autoscaler and the webhook unchanged, the
+# controller through tests/knative (see its main.go for why).
+$(KNATIVE)/kinfer-knative-controller: $(KNATIVE_SRC)
+	@mkdir -p $(KNATIVE)
+	cd tests/knative && $(GO_ENV) go build -trimpath -ldflags "-s -w" -o ../bin/knative/kinfer-knative-controller .
+
+$(KNATIVE)/knative-%: $(KNATIVE_SRC)
+	@mkdir -p $(KNATIVE)
+	cd tests/knative && $(GO_ENV) go build -trimpath -ldflags "-s -w" -o ../bin/knative/knative-$* knative.dev/serving/cmd/$*
+
+$(KNATIVE)/manifests/.done: hack/knative-manifests.sh tests/knative/local.yaml tests/knative/go.mod
+	hack/knative-manifests.sh $(KNATIVE)/manifests
 	touch $@
 
 .PHONY: build

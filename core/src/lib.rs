@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod args;
+pub mod kpa;
 pub mod kube_client;
 pub mod runtime;
 pub mod shutdown;

@@ -198,31 +198,24 @@ func readCRDs(file string) ([]*apiextv1.CustomResourceDefinition, error) {
 }
 
 func (c *cluster) waitNodesReady(ctx context.Context, sup *supervisor) error {
-	deadline := time.Now().Add(60 * time.Second)
-	for {
+	var notReady []string
+	err := pollUntil(ctx, sup, 60*time.Second, "the nodes to be Ready (see the kwok log)", func() (bool, error) {
 		nodes, err := c.kube.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
-		var notReady []string
-		if err == nil {
-			for _, n := range nodes.Items {
-				if !nodeReady(&n) {
-					notReady = append(notReady, n.Name)
-				}
-			}
-			if len(nodes.Items) >= len(fakeNodes) && len(notReady) == 0 {
-				return nil
+		if err != nil {
+			return false, nil
+		}
+		notReady = nil
+		for _, n := range nodes.Items {
+			if !nodeReady(&n) {
+				notReady = append(notReady, n.Name)
 			}
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("nodes not Ready after 60s: %s (see the kwok log)", strings.Join(notReady, ", "))
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case name := <-sup.died:
-			return fmt.Errorf("%s exited; see %s", name, filepath.Join(sup.logDir, name+".log"))
-		case <-time.After(200 * time.Millisecond):
-		}
+		return len(nodes.Items) >= len(fakeNodes) && len(notReady) == 0, nil
+	})
+	if err != nil {
+		return fmt.Errorf("%w; not Ready: %s", err, strings.Join(notReady, ", "))
 	}
+	return nil
 }
 
 func nodeReady(n *corev1.Node) bool {
@@ -236,17 +229,9 @@ func nodeReady(n *corev1.Node) bool {
 
 // waitServiceAccount waits for the controller manager to create the namespace's default
 // ServiceAccount: pods cannot be created before it exists.
-func (c *cluster) waitServiceAccount(ctx context.Context, namespace string) error {
-	deadline := time.Now().Add(60 * time.Second)
-	for {
+func (c *cluster) waitServiceAccount(ctx context.Context, sup *supervisor, namespace string) error {
+	return pollUntil(ctx, sup, 60*time.Second, "ServiceAccount "+namespace+"/default", func() (bool, error) {
 		_, err := c.kube.CoreV1().ServiceAccounts(namespace).Get(ctx, "default", metav1.GetOptions{})
-		if err == nil {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("ServiceAccount %s/default not created after 60s: %w", namespace, err)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+		return err == nil, nil
+	})
 }
-

@@ -47,6 +47,8 @@ func runUp(args []string) int {
 	kwok := fs.String("kwok", "", "path of the kwok binary (default: next to this binary)")
 	var crdDirs stringList
 	fs.Var(&crdDirs, "crds", "directory of CRD YAML files to install and wait for (repeatable)")
+	knativeBin := fs.String("knative-bin", "", "directory with the Knative Serving binaries; empty: no Knative")
+	knativeManifests := fs.String("knative-manifests", "", "directory of Knative manifests (hack/knative-manifests.sh)")
 	_ = fs.Parse(args)
 	if *dir == "" {
 		fmt.Fprintln(os.Stderr, "up: --dir is required")
@@ -60,7 +62,7 @@ func runUp(args []string) int {
 	defer stop()
 
 	sup := &supervisor{logDir: filepath.Join(*dir, "logs"), died: make(chan string, 8)}
-	err := bringUp(ctx, sup, *dir, *kwok, crdDirs)
+	err := bringUp(ctx, sup, *dir, *kwok, crdDirs, *knativeBin, *knativeManifests)
 	if err == nil {
 		select {
 		case <-ctx.Done():
@@ -76,7 +78,7 @@ func runUp(args []string) int {
 	return 0
 }
 
-func bringUp(ctx context.Context, sup *supervisor, dir, kwok string, crdDirs []string) error {
+func bringUp(ctx context.Context, sup *supervisor, dir, kwok string, crdDirs []string, knativeBin, knativeManifests string) error {
 	start := time.Now()
 	step := func(what string) { fmt.Fprintf(os.Stderr, "k8senv: %-40s %6.1fs\n", what, time.Since(start).Seconds()) }
 	p := pki{dir: filepath.Join(dir, "pki")}
@@ -118,6 +120,8 @@ func bringUp(ctx context.Context, sup *supervisor, dir, kwok string, crdDirs []s
 		// No kube-proxy or real node network here: keep 127.0.0.1 out of the kubernetes Endpoints.
 		"--endpoint-reconciler-type=none",
 		"--enable-priority-and-fairness=false",
+		// Webhook Services resolve to their endpoints, not to ClusterIPs nothing here routes.
+		"--enable-aggregator-routing=true",
 	); err != nil {
 		return err
 	}
@@ -185,7 +189,7 @@ func bringUp(ctx context.Context, sup *supervisor, dir, kwok string, crdDirs []s
 	if err := c.waitNodesReady(ctx, sup); err != nil {
 		return err
 	}
-	if err := c.waitServiceAccount(ctx, "default"); err != nil {
+	if err := c.waitServiceAccount(ctx, sup, "default"); err != nil {
 		return err
 	}
 	for _, hz := range []string{fmt.Sprintf("https://127.0.0.1:%d/healthz", kcmPort), fmt.Sprintf("https://127.0.0.1:%d/healthz", schedulerPort)} {
@@ -194,6 +198,12 @@ func bringUp(ctx context.Context, sup *supervisor, dir, kwok string, crdDirs []s
 		}
 	}
 	step("nodes Ready, controllers healthy")
+	if knativeBin != "" {
+		if err := startKnative(ctx, sup, c, kubeconfig, knativeBin, knativeManifests); err != nil {
+			return err
+		}
+		step("Knative Serving ready")
+	}
 	return os.WriteFile(filepath.Join(dir, "ready"), []byte(kubeconfig+"\n"), 0o644)
 }
 
@@ -213,29 +223,7 @@ func (p pki) adminTLS() (*tls.Config, error) {
 
 // waitHTTP polls url until it answers 200, the deadline passes or a component dies.
 func waitHTTP(ctx context.Context, sup *supervisor, url string, tlsConfig *tls.Config, timeout time.Duration) error {
-	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{TLSClientConfig: tlsConfig}}
-	deadline := time.Now().Add(timeout)
-	var last string
-	for time.Now().Before(deadline) {
-		resp, err := client.Get(url)
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
-			last = resp.Status
-		} else {
-			last = err.Error()
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case name := <-sup.died:
-			return fmt.Errorf("%s exited; see %s", name, filepath.Join(sup.logDir, name+".log"))
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
-	return fmt.Errorf("%s not healthy after %s (last: %s)", url, timeout, last)
+	return waitHTTPHeader(ctx, sup, url, "", "", tlsConfig, timeout)
 }
 
 // supervisor runs the components as child processes, each logging to its own file.
@@ -254,6 +242,11 @@ type proc struct {
 }
 
 func (s *supervisor) start(path, name string, args ...string) error {
+	return s.startEnv(path, name, nil, args...)
+}
+
+// startEnv starts a component with extra environment variables.
+func (s *supervisor) startEnv(path, name string, env []string, args ...string) error {
 	if err := os.MkdirAll(s.logDir, 0o755); err != nil {
 		return err
 	}
@@ -267,6 +260,7 @@ func (s *supervisor) start(path, name string, args ...string) error {
 	}
 	cmd := exec.Command(path, argv...)
 	cmd.Stdout, cmd.Stderr = log, log
+	cmd.Env = append(os.Environ(), env...)
 	// Its own process group, so a Ctrl-C at the terminal reaches only `up`, which then
 	// stops the components in order; and killed with `up` if `up` itself is killed.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}

@@ -13,9 +13,13 @@ use serde::de::DeserializeOwned;
 /// `hack/with-cluster`.
 pub async fn client() -> anyhow::Result<Client> {
     if std::env::var_os("KUBECONFIG").is_none() {
-        bail!("KUBECONFIG is not set: run integration tests through `make integration` or `hack/with-cluster cargo test -p kinfer-tests`");
+        bail!(
+            "KUBECONFIG is not set: run integration tests through `make integration` or `hack/with-cluster cargo test -p kinfer-tests`"
+        );
     }
-    Client::try_default().await.context("building a client from KUBECONFIG")
+    Client::try_default()
+        .await
+        .context("building a client from KUBECONFIG")
 }
 
 /// Creates a namespace named after the test, unique per run.
@@ -74,23 +78,16 @@ pub async fn wait_for<K>(
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
 {
-    let mut last = None;
-    let result = poll(timeout, || {
-        let api = api.clone();
-        let name = name.to_string();
-        let found = &mut last;
-        let cond = &cond;
-        async move {
-            let obj = api.get_opt(&name).await?;
-            let ok = obj.as_ref().is_some_and(cond);
-            *found = obj;
-            Ok(ok)
+    let start = Instant::now();
+    loop {
+        let obj = api.get_opt(name).await?;
+        if let Some(obj) = obj.as_ref().filter(|o| cond(o)) {
+            return Ok(obj.clone());
         }
-    })
-    .await;
-    match result {
-        Ok(_) => Ok(last.expect("condition held on an object")),
-        Err(e) => Err(e).with_context(|| format!("waiting for {name}; last seen: {last:#?}")),
+        if start.elapsed() > timeout {
+            bail!("{name}: condition not met within {timeout:?}; last seen: {obj:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -111,7 +108,10 @@ pub fn pod_ready(pod: &Pod) -> bool {
 /// Pods of the namespace that match a label selector.
 pub async fn pods(client: &Client, ns: &str, selector: &str) -> anyhow::Result<Vec<Pod>> {
     let api: Api<Pod> = Api::namespaced(client.clone(), ns);
-    Ok(api.list(&ListParams::default().labels(selector)).await?.items)
+    Ok(api
+        .list(&ListParams::default().labels(selector))
+        .await?
+        .items)
 }
 
 /// The scheduler's verdict on a pod it could not place: `Some(message)` when the pod's
@@ -126,4 +126,68 @@ pub fn unschedulable_message(pod: &Pod) -> Option<String> {
         .find(|c| c.type_ == "PodScheduled")?;
     (cond.status == "False" && cond.reason.as_deref() == Some("Unschedulable"))
         .then(|| cond.message.clone().unwrap_or_default())
+}
+
+/// Knative Serving objects, read through the dynamic API (Knative ships no Rust types).
+pub mod knative {
+    use kube::Client;
+    use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+
+    pub fn api(
+        client: &Client,
+        ns: &str,
+        group: &str,
+        version: &str,
+        kind: &str,
+    ) -> Api<DynamicObject> {
+        let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind));
+        Api::namespaced_with(client.clone(), ns, &resource)
+    }
+
+    pub fn services(client: &Client, ns: &str) -> Api<DynamicObject> {
+        api(client, ns, "serving.knative.dev", "v1", "Service")
+    }
+    pub fn routes(client: &Client, ns: &str) -> Api<DynamicObject> {
+        api(client, ns, "serving.knative.dev", "v1", "Route")
+    }
+    pub fn revisions(client: &Client, ns: &str) -> Api<DynamicObject> {
+        api(client, ns, "serving.knative.dev", "v1", "Revision")
+    }
+    pub fn pod_autoscalers(client: &Client, ns: &str) -> Api<DynamicObject> {
+        api(
+            client,
+            ns,
+            "autoscaling.internal.knative.dev",
+            "v1alpha1",
+            "PodAutoscaler",
+        )
+    }
+
+    /// The status of a condition, e.g. `Ready`, once the status reflects the latest spec.
+    pub fn condition(obj: &DynamicObject, kind: &str) -> Option<String> {
+        let status = obj.data.get("status")?;
+        let observed = status.get("observedGeneration").and_then(|g| g.as_i64());
+        if observed != obj.metadata.generation {
+            return None;
+        }
+        status
+            .get("conditions")?
+            .as_array()?
+            .iter()
+            .find(|c| c.get("type").and_then(|t| t.as_str()) == Some(kind))
+            .and_then(|c| c.get("status")?.as_str().map(str::to_string))
+    }
+
+    pub fn ready(obj: &DynamicObject) -> bool {
+        condition(obj, "Ready").as_deref() == Some("True")
+    }
+
+    /// A string field of the object's status, e.g. `latestReadyRevisionName`.
+    pub fn status_str(obj: &DynamicObject, field: &str) -> Option<String> {
+        obj.data
+            .get("status")?
+            .get(field)?
+            .as_str()
+            .map(str::to_string)
+    }
 }

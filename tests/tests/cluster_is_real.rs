@@ -56,24 +56,23 @@ async fn pod_turns_ready_only_after_its_load_time() -> anyhow::Result<()> {
 
     // It starts running at once but is not Ready while the "model" loads.
     let mut running_at = None;
-    let ready_after = poll(Duration::from_secs(40), || {
-        let client = client.clone();
-        let ns = ns.clone();
-        let running_at = &mut running_at;
-        async move {
-            let Some(pod) = pods(&client, &ns, "app=slow").await?.pop() else {
-                return Ok(false);
-            };
-            let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
-            if phase.as_deref() == Some("Running") && running_at.is_none() {
-                *running_at = Some(start.elapsed());
-                assert!(!pod_ready(&pod), "Ready at once despite a 6s load time");
+    let ready_after = loop {
+        if let Some(pod) = pods(&client, &ns, "app=slow").await?.pop() {
+            let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+            if pod_ready(&pod) {
+                break start.elapsed();
             }
-            Ok(pod_ready(&pod))
+            if running && running_at.is_none() {
+                running_at = Some(start.elapsed());
+            }
         }
-    })
-    .await?;
-    let running_at = running_at.expect("the pod was seen Running before Ready");
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "not Ready after 40s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let running_at = running_at.expect("the pod was seen Running and not Ready first");
     assert!(
         running_at < Duration::from_secs(4),
         "Running only after {running_at:?}"
@@ -95,7 +94,10 @@ async fn pod_turns_ready_only_after_its_load_time() -> anyhow::Result<()> {
         Ok(pods(&client, &ns, "app=fast").await?.iter().any(pod_ready))
     })
     .await?;
-    assert!(fast < Duration::from_secs(5), "fast pod Ready after {fast:?}");
+    assert!(
+        fast < Duration::from_secs(5),
+        "fast pod Ready after {fast:?}"
+    );
     Ok(())
 }
 
@@ -160,7 +162,10 @@ async fn gpu_pod_needs_the_gpu_toleration() -> anyhow::Result<()> {
     let big_gpu = json!({ "nvidia.com/gpu.memory": "81920" });
 
     pod_api
-        .create(&PostParams::default(), &gpu_pod("untolerated", false, json!({})))
+        .create(
+            &PostParams::default(),
+            &gpu_pod("untolerated", false, json!({})),
+        )
         .await?;
     let pending = wait_for(&pod_api, "untolerated", Duration::from_secs(30), |p| {
         unschedulable_message(p).is_some()
@@ -178,6 +183,9 @@ async fn gpu_pod_needs_the_gpu_toleration() -> anyhow::Result<()> {
     let placed = wait_for(&pod_api, "tolerated", Duration::from_secs(30), pod_ready).await?;
     let node = placed.spec.unwrap().node_name.unwrap();
     assert_eq!(node, "gpu-node-80g");
-    assert_eq!(pod_condition(&pod_api.get("untolerated").await?, "PodScheduled").as_deref(), Some("False"));
+    assert_eq!(
+        pod_condition(&pod_api.get("untolerated").await?, "PodScheduled").as_deref(),
+        Some("False")
+    );
     Ok(())
 }

@@ -30,17 +30,29 @@ async fn nine_one_gpu_pods_on_an_eight_gpu_node_leave_one_pending() -> anyhow::R
         pod_api.create(&PostParams::default(), &pod).await?;
     }
     poll(Duration::from_secs(60), || async {
-        let all = pod_api.list(&ListParams::default().labels("app=gpu")).await?.items;
+        let all = pod_api
+            .list(&ListParams::default().labels("app=gpu"))
+            .await?
+            .items;
         let ready = all.iter().filter(|p| pod_ready(p)).count();
-        let unschedulable = all.iter().filter(|p| unschedulable_message(p).is_some()).count();
+        let unschedulable = all
+            .iter()
+            .filter(|p| unschedulable_message(p).is_some())
+            .count();
         Ok(ready == 8 && unschedulable == 1)
     })
     .await?;
     // And it stays that way: nothing else frees a GPU.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let all = pod_api.list(&ListParams::default().labels("app=gpu")).await?.items;
+    let all = pod_api
+        .list(&ListParams::default().labels("app=gpu"))
+        .await?
+        .items;
     assert_eq!(all.iter().filter(|p| pod_ready(p)).count(), 8);
-    let pending: Vec<_> = all.iter().filter(|p| unschedulable_message(p).is_some()).collect();
+    let pending: Vec<_> = all
+        .iter()
+        .filter(|p| unschedulable_message(p).is_some())
+        .collect();
     assert_eq!(pending.len(), 1);
     let message = unschedulable_message(pending[0]).unwrap();
     assert!(message.contains("Insufficient nvidia.com/gpu"), "{message}");
@@ -50,4 +62,3 @@ async fn nine_one_gpu_pods_on_an_eight_gpu_node_leave_one_pending() -> anyhow::R
         .await?;
     Ok(())
 }
-
