@@ -549,7 +549,8 @@ mod tests {
 
     #[test]
     fn resource_choice_table() {
-        let cases: &[(&[(&str, &str)], &str, &str)] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+        let cases: &[Case] = &[
             (&[("kinfer.dev/gpu-count", "2")], "nvidia.com/gpu", "2"),
             (
                 &[("kinfer.dev/gpu-sharing", "time-sliced")],
