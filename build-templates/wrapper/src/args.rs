@@ -15,13 +15,18 @@ use clap::Parser;
 The handler takes a dict of input name -> tensor (a numpy.ndarray when numpy is importable, \
 otherwise nested lists) and returns a dict of output name -> tensor, or a single tensor \
 (named `output-0`). If the module defines `load()`, each worker calls it once before the \
-server reports ready."
+server reports ready.",
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
 )]
 pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// The Python function to serve, as MODULE:FUNCTION. MODULE is imported from PYTHONPATH or
     /// the working directory.
-    #[arg(long, env = "KINFER_HANDLER", value_parser = parse_handler)]
-    pub handler: Handler,
+    #[arg(long, env = "KINFER_HANDLER", value_parser = parse_handler, required = true)]
+    pub handler: Option<Handler>,
 
     /// The model name in URLs (/v2/models/NAME, /v1/models/NAME). Defaults to the last part of
     /// MODULE.
@@ -75,6 +80,16 @@ pub struct Args {
     pub log_json: bool,
 }
 
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Copies this binary into DIR and exits: the webhook's init container uses it to share
+    /// the wrapper with the user container through an emptyDir (the image has no shell).
+    Install {
+        /// The directory to copy `kinfer-wrapper` into; created if missing.
+        dir: std::path::PathBuf,
+    },
+}
+
 /// `MODULE:FUNCTION`, checked at parse time so a typo fails before any worker starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Handler {
@@ -83,15 +98,18 @@ pub struct Handler {
 }
 
 impl Args {
+    /// The handler; clap makes `--handler` required whenever no subcommand is given.
+    pub fn handler(&self) -> &Handler {
+        self.handler
+            .as_ref()
+            .expect("clap requires --handler without a subcommand")
+    }
+
     pub fn model_name(&self) -> String {
-        self.model_name.clone().unwrap_or_else(|| {
-            self.handler
-                .module
-                .rsplit('.')
-                .next()
-                .unwrap_or(&self.handler.module)
-                .to_string()
-        })
+        let module = &self.handler().module;
+        self.model_name
+            .clone()
+            .unwrap_or_else(|| module.rsplit('.').next().unwrap_or(module).to_string())
     }
 }
 
@@ -204,5 +222,16 @@ mod tests {
             "0",
         ]);
         assert!(args.is_err(), "batch size 0 is rejected");
+    }
+
+    #[test]
+    fn install_needs_no_handler_and_serving_needs_one() {
+        let args = Args::try_parse_from(["kinfer-wrapper", "install", "/kinfer/bin"]).unwrap();
+        assert!(
+            matches!(args.command, Some(Command::Install { ref dir }) if dir.to_str() == Some("/kinfer/bin"))
+        );
+        if std::env::var_os("KINFER_HANDLER").is_none() {
+            assert!(Args::try_parse_from(["kinfer-wrapper"]).is_err());
+        }
     }
 }

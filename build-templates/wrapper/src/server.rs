@@ -8,7 +8,7 @@ use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
-use crate::args::Args;
+use crate::args::{Args, Command};
 use crate::http::{self, App};
 use crate::metrics::Metrics;
 use crate::pool::{self, PoolConfig, WORKER_SOURCE, WorkerScript};
@@ -54,8 +54,29 @@ fn write_worker_script() -> (WorkerScript, Option<PathBuf>) {
     }
 }
 
+/// Copies the running executable into `dir` (mode 0755), via a temporary name so a
+/// half-written file is never executed.
+pub fn install(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let exe = std::env::current_exe().context("finding this executable")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let target = dir.join("kinfer-wrapper");
+    let tmp = dir.join(".kinfer-wrapper.tmp");
+    std::fs::copy(&exe, &tmp)
+        .with_context(|| format!("copying {} to {}", exe.display(), tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::rename(&tmp, &target)?;
+    Ok(target)
+}
+
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(Command::Install { dir }) = &args.command {
+        let target = install(dir)?;
+        println!("installed {}", target.display());
+        return Ok(());
+    }
     init_tracing(&args)?;
+    let handler = args.handler().clone();
     let metrics = Metrics::new()?;
     let (script, script_dir) = write_worker_script();
     let model = args.model_name();
@@ -63,8 +84,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         PoolConfig {
             python: args.python.clone(),
             script,
-            module: args.handler.module.clone(),
-            function: args.handler.function.clone(),
+            module: handler.module.clone(),
+            function: handler.function.clone(),
             workers: args.workers as usize,
             max_batch_size: args.max_batch_size as usize,
             max_batch_delay: args.max_batch_delay,
@@ -88,7 +109,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(
         addr = %listener.local_addr()?,
         model,
-        handler = format!("{}:{}", args.handler.module, args.handler.function),
+        handler = format!("{}:{}", handler.module, handler.function),
         workers = args.workers,
         max_batch_size = args.max_batch_size,
         max_batch_delay = ?args.max_batch_delay,
