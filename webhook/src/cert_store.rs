@@ -119,6 +119,93 @@ impl SecretStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fake_api;
+
+    const PATH: &str = "/api/v1/namespaces/kinfer-system/secrets/kinfer-webhook-tls";
+
+    fn sans() -> Vec<String> {
+        vec!["kinfer-webhook.kinfer-system.svc".to_string()]
+    }
+
+    #[tokio::test]
+    async fn creates_the_secret_once_and_then_reuses_it() {
+        let (client, state) = fake_api::client();
+        let store = SecretStore::new(client, "kinfer-system", "kinfer-webhook-tls");
+        let first = store.sync(&sans(), Lifetimes::default()).await.unwrap();
+        let stored = state.lock().unwrap().objects[PATH].clone();
+        assert_eq!(stored["type"], "kubernetes.io/tls");
+        let again = store.sync(&sans(), Lifetimes::default()).await.unwrap();
+        assert_eq!(again, first, "a second replica serves the same certificate");
+        let log = state.lock().unwrap().log.clone();
+        assert_eq!(
+            log.iter().filter(|l| l.starts_with("POST")).count(),
+            1,
+            "{log:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_loses_the_create_race_uses_the_winner() {
+        let (client, state) = fake_api::client();
+        // The other replica's bundle lands between our GET and our POST.
+        let winner = renew(
+            None,
+            &sans(),
+            OffsetDateTime::now_utc(),
+            Lifetimes::default(),
+        )
+        .unwrap()
+        .unwrap();
+        let mut winner_secret = serde_json::to_value(secret_from_bundle(
+            "kinfer-webhook-tls",
+            "kinfer-system",
+            &winner,
+        ))
+        .unwrap();
+        winner_secret["metadata"]["resourceVersion"] = serde_json::json!("1");
+        let mut pending = Some(winner_secret);
+        state.lock().unwrap().hook = Some(Box::new(move |method, _path, objects| {
+            if method == "POST"
+                && let Some(s) = pending.take()
+            {
+                objects.insert(PATH.to_string(), s);
+            }
+            None
+        }));
+        let store = SecretStore::new(client, "kinfer-system", "kinfer-webhook-tls");
+        let got = store.sync(&sans(), Lifetimes::default()).await.unwrap();
+        assert_eq!(got, winner);
+    }
+
+    #[tokio::test]
+    async fn renewal_replaces_with_resource_version_and_retries_on_conflict() {
+        let (client, state) = fake_api::client();
+        let store = SecretStore::new(client, "kinfer-system", "kinfer-webhook-tls");
+        let first = store.sync(&sans(), Lifetimes::default()).await.unwrap();
+        // A new SAN forces a new serving certificate; the first PUT conflicts.
+        let mut conflicts = 1;
+        state.lock().unwrap().hook = Some(Box::new(move |method, _, _| {
+            (method == "PUT" && conflicts > 0).then(|| {
+                conflicts -= 1;
+                409
+            })
+        }));
+        let mut more = sans();
+        more.push("127.0.0.1".into());
+        let second = store.sync(&more, Lifetimes::default()).await.unwrap();
+        assert_eq!(second.ca_pem, first.ca_pem);
+        assert_ne!(second.cert_pem, first.cert_pem);
+        assert_eq!(crate::tls::sans_of(&second.cert_pem).unwrap(), more);
+        let stored = state.lock().unwrap().objects[PATH].clone();
+        let stored: Secret = serde_json::from_value(stored).unwrap();
+        assert_eq!(bundle_from_secret(&stored), Some(second));
+        let log = state.lock().unwrap().log.clone();
+        assert_eq!(
+            log.iter().filter(|l| l.starts_with("PUT")).count(),
+            2,
+            "{log:?}"
+        );
+    }
 
     #[test]
     fn secret_round_trip() {

@@ -25,4 +25,7 @@ pub mod server;
 pub mod tls;
 pub mod webhook_config;
 
+#[cfg(test)]
+mod fake_api;
+
 pub use args::Args;

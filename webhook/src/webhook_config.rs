@@ -205,6 +205,32 @@ mod tests {
         assert_eq!(json["kind"], "MutatingWebhookConfiguration");
     }
 
+    #[tokio::test]
+    async fn apply_uses_server_side_apply_for_both() {
+        let (client, state) = crate::fake_api::client();
+        apply(
+            &client,
+            &Target::Url("https://127.0.0.1:8443".into()),
+            Some(b"PEM"),
+        )
+        .await
+        .unwrap();
+        let st = state.lock().unwrap();
+        assert_eq!(
+            st.log,
+            [
+                "PATCH /apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/kinfer-webhook?&force=true&fieldManager=kinfer-webhook",
+                "PATCH /apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/kinfer-webhook?&force=true&fieldManager=kinfer-webhook",
+            ]
+        );
+        let m = &st.objects["/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/kinfer-webhook"];
+        assert_eq!(
+            m["webhooks"][0]["clientConfig"]["url"],
+            "https://127.0.0.1:8443/mutate-pods"
+        );
+        assert_eq!(m["webhooks"][0]["clientConfig"]["caBundle"], "UEVN");
+    }
+
     #[test]
     fn service_webhook_validates_knative_services_and_configurations() {
         let v = validating(&Target::Url("https://127.0.0.1:8443/".into()), None);
