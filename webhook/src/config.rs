@@ -11,7 +11,7 @@
 //! | `gpu-shared-resource` | `nvidia.com/gpu.shared` | resource of `gpu-sharing: time-sliced` |
 //! | `gpu-memory-node-label` | `nvidia.com/gpu.memory` | node label with GPU memory in MiB (GFD) |
 //! | `wrapper-image` | `ghcr.io/kinfer/kinfer-wrapper:latest` | image of the HTTP-wrapper init container |
-//! | `wrapper-source` | `/usr/local/bin/kinfer-wrapper` | the wrapper inside that image |
+//! | `wrapper-source` | `/kinfer-wrapper` | the wrapper inside that image; the init container runs `<it> install <wrapper-install-path>/bin` |
 //! | `wrapper-install-path` | `/kinfer` | where the shared volume is mounted in the pod |
 //!
 //! Unknown keys are errors too (a typo in a ConfigMap should not silently fall back to a
@@ -57,7 +57,7 @@ impl Default for KinferConfig {
             gpu_shared_resource: "nvidia.com/gpu.shared".into(),
             gpu_memory_node_label: "nvidia.com/gpu.memory".into(),
             wrapper_image: "ghcr.io/kinfer/kinfer-wrapper:latest".into(),
-            wrapper_source: "/usr/local/bin/kinfer-wrapper".into(),
+            wrapper_source: "/kinfer-wrapper".into(),
             wrapper_install_path: "/kinfer".into(),
         }
     }

@@ -15,7 +15,8 @@
 //!   memory expression stays and is reported in a warning; an identical one is left alone
 //!   silently, which also makes the patch of an already-mutated Pod empty (reinvocation).
 //! - Wrapper (`handler`): an init container copies the wrapper from the wrapper image into an
-//!   `emptyDir`, mounted in the user container, whose command becomes the wrapper. Image,
+//!   `emptyDir` (`<wrapper-source> install <path>/bin`), mounted read-only in the user
+//!   container, whose command becomes `<path>/bin/kinfer-wrapper --handler m:f`. Image,
 //!   working directory, env, ports, volumes and probes stay.
 
 use json_patch::jsonptr::PointerBuf;
@@ -30,8 +31,8 @@ use crate::config::KinferConfig;
 /// Name of the volume and init container that carry the wrapper.
 pub const WRAPPER_VOLUME: &str = "kinfer-wrapper";
 pub const WRAPPER_INIT_CONTAINER: &str = "kinfer-wrapper-install";
-/// File name of the wrapper inside the shared volume.
-pub const WRAPPER_BINARY: &str = "kinfer-wrapper";
+/// Where the wrapper lands inside the shared volume: `install` copies it into `bin/`.
+pub const WRAPPER_BINARY: &str = "bin/kinfer-wrapper";
 /// Containers that are never the user's.
 pub const SIDECARS: &[&str] = &["queue-proxy", "istio-proxy", "linkerd-proxy"];
 const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-container";
@@ -391,7 +392,8 @@ fn wrapper(
     let mut init = json!({
         "name": WRAPPER_INIT_CONTAINER,
         "image": config.wrapper_image,
-        "command": ["cp", "-R", config.wrapper_source, binary],
+        // The wrapper image is one static binary (no shell, no cp): it installs itself.
+        "command": [config.wrapper_source, "install", format!("{install}/bin")],
         "volumeMounts": [{ "name": WRAPPER_VOLUME, "mountPath": install }],
     });
     // Same security context as the user container, so restricted namespaces admit it.
@@ -782,7 +784,7 @@ mod tests {
             before.clone(),
         );
         let user = &pod["spec"]["containers"][0];
-        assert_eq!(user["command"], json!(["/kinfer/kinfer-wrapper"]));
+        assert_eq!(user["command"], json!(["/kinfer/bin/kinfer-wrapper"]));
         assert_eq!(
             user["args"],
             json!(["--handler", "app.model:predict", "--model-name", "hello"])
@@ -808,7 +810,7 @@ mod tests {
             json!([{
                 "name": "kinfer-wrapper-install",
                 "image": "ghcr.io/kinfer/kinfer-wrapper:latest",
-                "command": ["cp", "-R", "/usr/local/bin/kinfer-wrapper", "/kinfer/kinfer-wrapper"],
+                "command": ["/kinfer-wrapper", "install", "/kinfer/bin"],
                 "volumeMounts": [{"name": "kinfer-wrapper", "mountPath": "/kinfer"}],
                 "securityContext": {"runAsNonRoot": true}
             }])

@@ -497,7 +497,7 @@ async fn handler_pod_gets_the_wrapper() {
     );
     assert_eq!(
         pod["spec"]["containers"][0]["command"],
-        json!(["/kinfer/kinfer-wrapper"])
+        json!(["/kinfer/bin/kinfer-wrapper"])
     );
     assert_eq!(
         pod["spec"]["containers"][0]["args"],
