@@ -86,6 +86,9 @@ impl Args {
             shutdown.clone(),
         ));
 
+        // Bound before the webhook configurations point at it: connections the apiserver
+        // opens meanwhile wait in the backlog instead of being refused.
+        let listener = server::bind(listen).await?;
         let tls_gate = runtime.admin.readiness.gate("tls");
         let manage = manage_webhook_configurations.then(|| (client.clone(), target.clone()));
         let resolver = match tls_mode {
@@ -146,7 +149,6 @@ impl Args {
             }
         };
 
-        let listener = server::bind(listen).await?;
         tracing::info!(addr = %listener.local_addr()?, ?target, "admission server listening (HTTPS)");
         tls_gate.open();
         let routes = admission::routes(Admission::new(config, metrics)).recover(admission::recover);
