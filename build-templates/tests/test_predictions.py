@@ -117,3 +117,16 @@ def test_metadata_health_and_metrics(wrapper, iris_model):
     assert w.metric('kinfer_wrapper_requests_total{code="200",protocol="v2"}') == 1
     assert w.metric('kinfer_wrapper_requests_total{code="404",protocol="v2"}') == 1
     assert w.metric("kinfer_wrapper_errors_total") == 1  # the version-4 request
+
+
+def test_lone_request_pays_no_batching_delay(wrapper, iris_model):
+    import time
+    _, x, path = iris_model
+    w = wrapper("sk_handler:predict", "--model-name", "iris", "--max-batch-size", "32",
+                "--max-batch-delay", "2s", env={"MODEL_PATH": path})
+    w.post("/v2/models/iris/infer", v2_body(x[:1]))  # warm up
+    started = time.time()
+    for i in range(5):
+        assert w.post("/v2/models/iris/infer", v2_body(x[i:i + 1])).status_code == 200
+    # Nobody else is sending, so no batch waits for company.
+    assert time.time() - started < 1.5

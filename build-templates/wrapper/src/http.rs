@@ -15,7 +15,7 @@ use warp::{Buf, Filter, Rejection, Reply};
 
 use crate::error::ApiError;
 use crate::metrics::{InFlight, Metrics};
-use crate::pool::Pool;
+use crate::pool::{Arriving, Pool};
 use crate::tensor::{DataView, Tensor};
 
 /// The name v1 `instances` get as the handler's one input.
@@ -156,7 +156,12 @@ where
     Ok(out)
 }
 
-async fn infer_v2(app: &App, version: Option<&str>, body: Vec<u8>) -> Result<Response, ApiError> {
+async fn infer_v2(
+    app: &App,
+    arriving: Arriving,
+    version: Option<&str>,
+    body: Vec<u8>,
+) -> Result<Response, ApiError> {
     let req: V2Request = parse_json(&body)?;
     drop(body);
     let mut inputs = Vec::with_capacity(req.inputs.len());
@@ -173,7 +178,7 @@ async fn infer_v2(app: &App, version: Option<&str>, body: Vec<u8>) -> Result<Res
         );
     }
     app.check_ready()?;
-    let outputs = app.pool.infer(inputs).await?;
+    let outputs = app.pool.infer(arriving, inputs).await?;
     let chosen: Vec<&Tensor> = match &req.outputs {
         None => outputs.iter().collect(),
         Some(wanted) => wanted
@@ -206,7 +211,7 @@ async fn infer_v2(app: &App, version: Option<&str>, body: Vec<u8>) -> Result<Res
     Ok(json(StatusCode::OK, &response))
 }
 
-async fn predict_v1(app: &App, body: Vec<u8>) -> Result<Response, ApiError> {
+async fn predict_v1(app: &App, arriving: Arriving, body: Vec<u8>) -> Result<Response, ApiError> {
     let req: Value = parse_json(&body)?;
     drop(body);
     let instances = req
@@ -215,7 +220,7 @@ async fn predict_v1(app: &App, body: Vec<u8>) -> Result<Response, ApiError> {
         .ok_or_else(|| ApiError::BadRequest("a v1 request needs an \"instances\" array".into()))?;
     let input = Tensor::from_instances(V1_INPUT, instances).map_err(ApiError::BadRequest)?;
     app.check_ready()?;
-    let outputs = app.pool.infer(vec![input]).await?;
+    let outputs = app.pool.infer(arriving, vec![input]).await?;
     let predictions = match outputs.as_slice() {
         [one] => serde_json::to_value(one.nested()),
         many => {
@@ -278,8 +283,9 @@ where
         match call {
             Call::V2 { name, version } => {
                 app.check_model(&name, version.as_deref())?;
+                let arriving = app.pool.arriving();
                 let body = read_body(content_length, body, app.max_body).await?;
-                infer_v2(&app, version.as_deref(), body).await
+                infer_v2(&app, arriving, version.as_deref(), body).await
             }
             Call::V1 { name } => {
                 let Some(name) = name.strip_suffix(":predict") else {
@@ -289,8 +295,9 @@ where
                     )));
                 };
                 app.check_model(name, None)?;
+                let arriving = app.pool.arriving();
                 let body = read_body(content_length, body, app.max_body).await?;
-                predict_v1(&app, body).await
+                predict_v1(&app, arriving, body).await
             }
         }
     }

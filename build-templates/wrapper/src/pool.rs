@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
@@ -124,6 +125,8 @@ pub const WORKER_SOURCE: &str = include_str!("worker.py");
 #[derive(Clone)]
 pub struct Pool {
     jobs: mpsc::UnboundedSender<Job>,
+    /// Requests received but not yet queued (body still being read or parsed).
+    arriving: Arc<AtomicUsize>,
     ready: watch::Receiver<usize>,
     batching: bool,
     metrics: Metrics,
@@ -134,7 +137,18 @@ impl Pool {
         *self.ready.borrow()
     }
 
-    pub async fn infer(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, InferError> {
+    /// Announces a request that will probably call `infer` soon, so a forming batch waits for
+    /// it. Drop the guard (or pass it to `infer`) when it will not.
+    pub fn arriving(&self) -> Arriving {
+        self.arriving.fetch_add(1, Ordering::SeqCst);
+        Arriving(self.arriving.clone())
+    }
+
+    pub async fn infer(
+        &self,
+        arriving: Arriving,
+        inputs: Vec<Tensor>,
+    ) -> Result<Vec<Tensor>, InferError> {
         let (reply, rx) = oneshot::channel();
         let batch = if self.batching {
             batch::batch_key(&inputs)
@@ -151,11 +165,22 @@ impl Pool {
             .send(job)
             .map_err(|_| InferError::Unavailable("the server is shutting down".into()))?;
         self.metrics.queue_depth.inc();
+        // Queued before the count drops, so the dispatcher never misses it.
+        drop(arriving);
         rx.await.unwrap_or_else(|_| {
             Err(InferError::Unavailable(
                 "the server is shutting down".into(),
             ))
         })
+    }
+}
+
+/// A request on its way to `Pool::infer`.
+pub struct Arriving(Arc<AtomicUsize>);
+
+impl Drop for Arriving {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -192,6 +217,7 @@ pub fn start(
     let (closing_tx, closing_rx) = watch::channel(false);
     let (fatal_tx, fatal_rx) = mpsc::unbounded_channel();
     let ready_tx = Arc::new(ready_tx);
+    let arriving = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for id in 0..cfg.workers {
         let w = Worker {
@@ -210,6 +236,7 @@ pub fn start(
         ready: ready_rx.clone(),
         closing: closing_rx,
         pending: VecDeque::new(),
+        arriving: arriving.clone(),
         max_rows: cfg.max_batch_size,
         delay: cfg.max_batch_delay,
         metrics: metrics.clone(),
@@ -217,6 +244,7 @@ pub fn start(
     tasks.insert(0, tokio::spawn(dispatcher.run()));
     let pool = Pool {
         jobs: jobs_tx,
+        arriving,
         ready: ready_rx,
         batching: cfg.max_batch_size > 1,
         metrics,
@@ -238,6 +266,7 @@ struct Dispatcher {
     closing: watch::Receiver<bool>,
     /// Jobs taken from the queue that did not fit the last batch.
     pending: VecDeque<Job>,
+    arriving: Arc<AtomicUsize>,
     max_rows: usize,
     delay: Duration,
     metrics: Metrics,
@@ -327,7 +356,8 @@ impl Dispatcher {
     }
 
     /// The first job plus whatever compatible jobs arrive before the batch is full or the
-    /// first job has waited `delay`.
+    /// first job has waited `delay`. It does not wait when no other request is being received,
+    /// so a lone client pays no batching delay.
     async fn gather(&mut self, first: Job) -> Vec<Job> {
         let Some((mut rows, key)) = first.batch.clone() else {
             return vec![first];
@@ -339,6 +369,8 @@ impl Dispatcher {
                 Some(job) => job,
                 None => match self.jobs.try_recv() {
                     Ok(job) => job,
+                    // Nothing queued and nothing on its way: waiting would only add latency.
+                    Err(_) if self.arriving.load(Ordering::SeqCst) == 0 => break,
                     Err(_) => match tokio::time::timeout_at(deadline, self.jobs.recv()).await {
                         Ok(Some(job)) => job,
                         _ => break,
