@@ -500,3 +500,133 @@ async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
     };
     Ok(json(status, &serde_json::json!({ "error": msg })).into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::{self, PoolConfig, WorkerScript};
+    use std::time::Duration;
+
+    /// Routes over a pool with no workers: everything up to the handler call, in-process.
+    fn app() -> Arc<App> {
+        let metrics = Metrics::new().unwrap();
+        let (pool, _handle, _fatal) = pool::start(
+            PoolConfig {
+                python: "python3".into(),
+                script: WorkerScript::Inline,
+                module: "m".into(),
+                function: "f".into(),
+                workers: 0,
+                max_batch_size: 1,
+                max_batch_delay: Duration::ZERO,
+            },
+            metrics.clone(),
+        );
+        Arc::new(App {
+            model: "m".into(),
+            version: "1".into(),
+            pool,
+            metrics,
+            max_body: 100,
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    async fn call(app: &Arc<App>, method: &str, path: &str, body: &str) -> (u16, Value) {
+        let res = warp::test::request()
+            .method(method)
+            .path(path)
+            .body(body)
+            .reply(&routes(app.clone()))
+            .await;
+        let json = serde_json::from_slice(res.body()).unwrap_or(Value::Null);
+        (res.status().as_u16(), json)
+    }
+
+    #[tokio::test]
+    async fn statuses_before_the_handler() {
+        let app = app();
+        let valid = r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}"#;
+        let cases = [
+            ("GET", "/v2/health/live", "", 200, ""),
+            (
+                "GET",
+                "/v2/health/ready",
+                "",
+                503,
+                "no Python worker is ready",
+            ),
+            (
+                "GET",
+                "/v2/models/m/ready",
+                "",
+                503,
+                "no Python worker is ready",
+            ),
+            (
+                "GET",
+                "/v2/models/x/ready",
+                "",
+                404,
+                "model \"x\" not found",
+            ),
+            (
+                "GET",
+                "/v2/models/m/versions/2",
+                "",
+                404,
+                "no version \"2\"",
+            ),
+            (
+                "POST",
+                "/v2/models/x/infer",
+                valid,
+                404,
+                "model \"x\" not found",
+            ),
+            (
+                "POST",
+                "/v1/models/x:predict",
+                "{}",
+                404,
+                "model \"x\" not found",
+            ),
+            ("POST", "/v2/models/m/infer", "{", 400, "malformed JSON"),
+            (
+                "POST",
+                "/v2/models/m/infer",
+                &"x".repeat(101),
+                413,
+                "limit of 100 bytes",
+            ),
+            (
+                "POST",
+                "/v2/models/m/infer",
+                valid,
+                503,
+                "no Python worker is ready",
+            ),
+            ("GET", "/v2/models/m/infer", "", 405, "method not allowed"),
+            ("GET", "/nowhere", "", 404, "no such endpoint"),
+        ];
+        for (method, path, body, status, message) in cases {
+            let (got, json) = call(&app, method, path, body).await;
+            assert_eq!(got, status, "{method} {path}: {json}");
+            if !message.is_empty() {
+                let error = json["error"].as_str().unwrap_or_default();
+                assert!(error.contains(message), "{method} {path}: {error}");
+            }
+        }
+        let errors = app.metrics.errors.with_label_values(&["too_large"]).get();
+        assert_eq!(errors, 1);
+    }
+
+    #[tokio::test]
+    async fn draining_turns_readiness_off() {
+        let app = app();
+        app.draining.store(true, Ordering::Relaxed);
+        let (status, json) = call(&app, "GET", "/v2/health/ready", "").await;
+        assert_eq!(status, 503);
+        assert_eq!(json["error"], "the server is shutting down");
+    }
+}
