@@ -226,3 +226,11 @@ def test_graceful_shutdown_finishes_requests_in_flight(wrapper, batching):
     assert time.time() - started < 10
     log = w.stop()
     assert "stopped" in log
+
+
+def test_worker_script_inline_without_a_writable_tmpdir(wrapper):
+    # A read-only root filesystem: the script is passed with `python3 -c` instead.
+    w = wrapper(*ECHO, env={"TMPDIR": "/dev/null"})
+    r = w.post("/v2/models/m/infer", x_input([2], [1, 2]))
+    assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [1, 2]
+    assert "passing it inline" in w.stop()
