@@ -13,7 +13,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
-// knativeAddr is the address the Knative components serve on: a dummy interface that
+// knativeAddr is the address the Knative components serve on: an address on lo that
 // hack/with-cluster creates in the cluster's network namespace. Endpoints may not hold
 // loopback addresses, and the apiserver reaches webhooks through their endpoints.
 const knativeAddr = "10.255.255.1"
