@@ -5,7 +5,7 @@
 #   OUT_DIR/10-core/       namespace, ConfigMaps, webhook Secret, Services: before the components start
 #   OUT_DIR/20-webhooks/   webhook configurations: after the webhook has started
 set -euo pipefail
-out=$1
+out=$(realpath -m "$1")
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root/tests/knative"
 export GOTOOLCHAIN=local GOFLAGS=-mod=mod

@@ -289,8 +289,8 @@ func (s *supervisor) stopAll() {
 		_ = p.cmd.Process.Signal(syscall.SIGTERM)
 		select {
 		case <-p.done:
-		case <-time.After(10 * time.Second):
-			fmt.Fprintf(os.Stderr, "k8senv: %s did not stop in 10s, killing it\n", p.name)
+		case <-time.After(5 * time.Second):
+			fmt.Fprintf(os.Stderr, "k8senv: %s did not stop in 5s, killing it\n", p.name)
 			_ = p.cmd.Process.Kill()
 			<-p.done
 		}

@@ -21,7 +21,7 @@ const ingressClass = "kinfer-test.ingress.networking.knative.dev"
 // ready, which is what a real networking layer reports once its proxies have the routes.
 type ingressDouble struct{}
 
-func (ingressDouble) ReconcileKind(_ context.Context, ing *v1alpha1.Ingress) pkgreconciler.Event {
+func (*ingressDouble) ReconcileKind(_ context.Context, ing *v1alpha1.Ingress) pkgreconciler.Event {
 	ing.Status.InitializeConditions()
 	lb := []v1alpha1.LoadBalancerIngressStatus{{
 		DomainInternal: network.GetServiceHostname("kinfer-test-gateway", "knative-serving"),
@@ -32,7 +32,7 @@ func (ingressDouble) ReconcileKind(_ context.Context, ing *v1alpha1.Ingress) pkg
 }
 
 func newIngressController(ctx context.Context, _ configmap.Watcher) *controller.Impl {
-	impl := ingressreconciler.NewImpl(ctx, ingressDouble{}, ingressClass)
+	impl := ingressreconciler.NewImpl(ctx, &ingressDouble{}, ingressClass)
 	ingressinformer.Get(ctx).Informer().AddEventHandler(controller.HandleAll(impl.Enqueue))
 	return impl
 }
