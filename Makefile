@@ -41,8 +41,9 @@ $(BIN)/kwok:
 	@mkdir -p $(BIN)
 	GOBIN=$(CURDIR)/$(BIN) $(GO_ENV) go install -trimpath -ldflags "-s -w" sigs.k8s.io/kwok/cmd/kwok@$(KWOK_VERSION)
 
-$(BIN)/crds/.done: hack/crds.sh
+$(BIN)/crds/.done: hack/crds.sh $(wildcard manifests/crds/*.yaml)
 	hack/crds.sh $(BIN)/crds
+	mkdir -p $(BIN)/crds/kinfer && cp manifests/crds/*.yaml $(BIN)/crds/kinfer/
 	touch $@
 
 # Knative Serving v0.50.0 (Knative 1.23): the autoscaler and the webhook unchanged, the
@@ -72,13 +73,18 @@ lint:
 unit:
 	cargo test --workspace --locked --exclude kinfer-tests
 
+# The HTTP wrapper's tests: real Python workers and a real scikit-learn model.
+.PHONY: wrapper-test
+wrapper-test:
+	bash build-templates/test.sh
+
 .PHONY: integration
 integration: tools
 	cargo test -p kinfer-tests --locked --no-run
-	hack/with-cluster cargo test -p kinfer-tests --locked --offline -- --test-threads=$(INTEGRATION_THREADS)
+	hack/with-cluster --kinfer cargo test -p kinfer-tests --locked --offline -- --test-threads=$(INTEGRATION_THREADS)
 
 .PHONY: test
-test: lint unit integration
+test: lint unit wrapper-test integration
 
 .PHONY: demo
 demo: tools

@@ -1,5 +1,7 @@
 //! The one tracing set-up of every binary.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -15,7 +17,13 @@ pub fn init(filter: &str, format: LogFormat) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("invalid log filter {filter:?}: {e}"))?;
     let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Plain => registry.with(fmt::layer().with_target(true)).try_init()?,
+        LogFormat::Plain => registry
+            .with(
+                fmt::layer()
+                    .with_target(true)
+                    .with_ansi(std::io::stdout().is_terminal()),
+            )
+            .try_init()?,
         LogFormat::Json => registry
             .with(
                 fmt::layer()
