@@ -66,6 +66,16 @@ pub struct Args {
     #[arg(long, env = "KINFER_WEBHOOK_CERT_CHECK_SECONDS", default_value_t = 300)]
     pub cert_check_seconds: u64,
 
+    /// Lifetime of the self-managed serving certificate (seconds, default 30 days); it is
+    /// renewed once less than a third is left. Short values are for rotation tests.
+    #[arg(
+        long,
+        env = "KINFER_WEBHOOK_CERT_LIFETIME_SECONDS",
+        default_value_t = 30 * 24 * 3600,
+        value_parser = clap::value_parser!(u64).range(10..)
+    )]
+    pub cert_lifetime_seconds: u64,
+
     /// Serving certificate chain, PEM (tls-mode files).
     #[arg(
         long,
@@ -105,6 +115,15 @@ pub struct Args {
     /// keep their caBundle current. Turn off when manifests manage them.
     #[arg(long, env = "KINFER_WEBHOOK_MANAGE_CONFIGURATIONS", default_value_t = true, action = clap::ArgAction::Set)]
     pub manage_webhook_configurations: bool,
+
+    /// Name of the Mutating- and ValidatingWebhookConfiguration this instance manages, so a
+    /// second installation (e.g. a test instance) does not fight over the same objects.
+    #[arg(
+        long,
+        env = "KINFER_WEBHOOK_CONFIGURATION_NAME",
+        default_value = crate::webhook_config::CONFIGURATION_NAME
+    )]
+    pub configuration_name: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -140,6 +159,26 @@ mod tests {
         assert_eq!(args.tls_mode, TlsMode::SelfManaged);
         assert!(args.manage_webhook_configurations);
         assert_eq!(args.namespace, "kinfer-system");
+        assert_eq!(args.cert_lifetime_seconds, 30 * 24 * 3600);
+        assert_eq!(args.configuration_name, "kinfer-webhook");
+    }
+
+    #[test]
+    fn short_certificates_for_rotation_tests() {
+        let args = Args::try_parse_from([
+            "kinfer-webhook",
+            "--cert-lifetime-seconds",
+            "20",
+            "--cert-check-seconds",
+            "2",
+            "--configuration-name",
+            "kinfer-webhook-rotation",
+        ])
+        .unwrap();
+        assert_eq!(args.cert_lifetime_seconds, 20);
+        assert_eq!(args.configuration_name, "kinfer-webhook-rotation");
+        // Shorter than the checks could keep up with: refused.
+        assert!(Args::try_parse_from(["kinfer-webhook", "--cert-lifetime-seconds", "5"]).is_err());
     }
 
     #[test]

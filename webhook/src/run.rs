@@ -51,7 +51,13 @@ impl Args {
             config_map,
             webhook_url_base,
             manage_webhook_configurations,
+            cert_lifetime_seconds,
+            configuration_name,
         } = self;
+        let lifetimes = Lifetimes {
+            serving: Duration::from_secs(cert_lifetime_seconds),
+            ..Lifetimes::default()
+        };
 
         let target = match webhook_url_base {
             Some(url) if !url.starts_with("https://") => {
@@ -90,20 +96,25 @@ impl Args {
         // opens meanwhile wait in the backlog instead of being refused.
         let listener = server::bind(listen).await?;
         let tls_gate = runtime.admin.readiness.gate("tls");
-        let manage = manage_webhook_configurations.then(|| (client.clone(), target.clone()));
+        let manage = manage_webhook_configurations.then(|| Manage {
+            client: client.clone(),
+            name: configuration_name.clone(),
+            target: target.clone(),
+        });
         let resolver = match tls_mode {
             TlsMode::SelfManaged => {
                 let sans = tls::service_sans(&service_name, &namespace, &extra_san);
                 let store = SecretStore::new(client.clone(), &namespace, &tls_secret_name);
-                let bundle = store.sync(&sans, Lifetimes::default()).await?;
+                let bundle = store.sync(&sans, lifetimes).await?;
                 let resolver =
                     CertResolver::new(tls::certified_key(&bundle.cert_pem, &bundle.key_pem)?);
-                if let Some((client, target)) = &manage {
-                    webhook_config::apply(client, target, Some(bundle.ca_pem.as_bytes())).await?;
+                if let Some(m) = &manage {
+                    m.apply(Some(bundle.ca_pem.as_bytes())).await?;
                 }
                 tokio::spawn(rotate(
                     store,
                     sans,
+                    lifetimes,
                     resolver.clone(),
                     manage.clone(),
                     Duration::from_secs(cert_check_seconds.max(1)),
@@ -120,15 +131,14 @@ impl Args {
                 };
                 let contents = files.read().await?;
                 let resolver = CertResolver::new(contents.certified_key()?);
-                if let Some((client, target)) = &manage {
-                    webhook_config::apply(client, target, contents.ca.as_deref()).await?;
+                if let Some(m) = &manage {
+                    m.apply(contents.ca.as_deref()).await?;
                 }
                 let (ca_tx, mut ca_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
-                if let Some((client, target)) = manage.clone() {
+                if let Some(m) = manage.clone() {
                     tokio::spawn(async move {
                         while let Some(ca) = ca_rx.recv().await {
-                            if let Err(e) = webhook_config::apply(&client, &target, Some(&ca)).await
-                            {
+                            if let Err(e) = m.apply(Some(&ca)).await {
                                 tracing::error!("publishing the new CA bundle: {e:#}");
                             }
                         }
@@ -161,6 +171,20 @@ impl Args {
         )
         .await;
         runtime.wait_for_shutdown().await
+    }
+}
+
+/// The webhook configurations this instance keeps current.
+#[derive(Clone)]
+struct Manage {
+    client: Client,
+    name: String,
+    target: Target,
+}
+
+impl Manage {
+    async fn apply(&self, ca_bundle: Option<&[u8]>) -> anyhow::Result<()> {
+        webhook_config::apply(&self.client, &self.name, &self.target, ca_bundle).await
     }
 }
 
@@ -229,11 +253,13 @@ async fn watch_config(
 
 /// Checks the certificate Secret every `every`; serves what it holds and publishes a new CA
 /// bundle before serving a certificate signed by a new CA.
+#[allow(clippy::too_many_arguments)]
 async fn rotate(
     store: SecretStore,
     sans: Vec<String>,
+    lifetimes: Lifetimes,
     resolver: Arc<CertResolver>,
-    manage: Option<(Client, Target)>,
+    manage: Option<Manage>,
     every: Duration,
     mut current: CertBundle,
     shutdown: Shutdown,
@@ -243,7 +269,7 @@ async fn rotate(
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.signaled() => return,
         }
-        let bundle = match store.sync(&sans, Lifetimes::default()).await {
+        let bundle = match store.sync(&sans, lifetimes).await {
             Ok(b) if b == current => continue,
             Ok(b) => b,
             Err(e) => {
@@ -259,11 +285,9 @@ async fn rotate(
             }
         };
         if bundle.ca_pem != current.ca_pem
-            && let Some((client, target)) = &manage
+            && let Some(m) = &manage
         {
-            if let Err(e) =
-                webhook_config::apply(client, target, Some(bundle.ca_pem.as_bytes())).await
-            {
+            if let Err(e) = m.apply(Some(bundle.ca_pem.as_bytes())).await {
                 tracing::error!("publishing the new CA bundle: {e:#}");
                 continue;
             }

@@ -34,7 +34,7 @@ use serde_json::{Value, json};
 
 use crate::admission::{MUTATE_PODS_PATH, VALIDATE_SERVICES_PATH};
 
-/// Name of both configurations.
+/// Default name of both configurations (`--configuration-name`).
 pub const CONFIGURATION_NAME: &str = "kinfer-webhook";
 pub const POD_WEBHOOK: &str = "pods.kinfer.dev";
 pub const SERVICE_WEBHOOK: &str = "services.kinfer.dev";
@@ -93,7 +93,11 @@ fn common(webhook: &str, target: &Target, path: &str, ca_bundle: Option<&[u8]>) 
 }
 
 /// The Pod webhook configuration.
-pub fn mutating(target: &Target, ca_bundle: Option<&[u8]>) -> MutatingWebhookConfiguration {
+pub fn mutating(
+    name: &str,
+    target: &Target,
+    ca_bundle: Option<&[u8]>,
+) -> MutatingWebhookConfiguration {
     let mut webhook = common(POD_WEBHOOK, target, MUTATE_PODS_PATH, ca_bundle);
     let extra = json!({
         "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
@@ -105,14 +109,18 @@ pub fn mutating(target: &Target, ca_bundle: Option<&[u8]>) -> MutatingWebhookCon
     serde_json::from_value(json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": CONFIGURATION_NAME, "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER}},
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER}},
         "webhooks": [webhook],
     }))
     .expect("a valid MutatingWebhookConfiguration")
 }
 
 /// The Service/Configuration webhook configuration.
-pub fn validating(target: &Target, ca_bundle: Option<&[u8]>) -> ValidatingWebhookConfiguration {
+pub fn validating(
+    name: &str,
+    target: &Target,
+    ca_bundle: Option<&[u8]>,
+) -> ValidatingWebhookConfiguration {
     let mut webhook = common(SERVICE_WEBHOOK, target, VALIDATE_SERVICES_PATH, ca_bundle);
     let extra = json!({
         "rules": [{"operations": ["CREATE", "UPDATE"], "apiGroups": ["serving.knative.dev"], "apiVersions": ["v1"], "resources": ["services", "configurations"], "scope": "Namespaced"}],
@@ -122,7 +130,7 @@ pub fn validating(target: &Target, ca_bundle: Option<&[u8]>) -> ValidatingWebhoo
     serde_json::from_value(json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingWebhookConfiguration",
-        "metadata": {"name": CONFIGURATION_NAME, "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER}},
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER}},
         "webhooks": [webhook],
     }))
     .expect("a valid ValidatingWebhookConfiguration")
@@ -134,24 +142,26 @@ fn merge(into: &mut Value, extra: Value) {
     }
 }
 
-/// Applies both configurations (server-side apply, forced: kinfer owns them).
+/// Applies both configurations, named `name` (server-side apply, forced: kinfer owns them).
 pub async fn apply(
     client: &Client,
+    name: &str,
     target: &Target,
     ca_bundle: Option<&[u8]>,
 ) -> anyhow::Result<()> {
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    let m = mutating(target, ca_bundle);
+    let m = mutating(name, target, ca_bundle);
     Api::<MutatingWebhookConfiguration>::all(client.clone())
-        .patch(CONFIGURATION_NAME, &params, &Patch::Apply(&m))
+        .patch(name, &params, &Patch::Apply(&m))
         .await
-        .context("applying MutatingWebhookConfiguration kinfer-webhook")?;
-    let v = validating(target, ca_bundle);
+        .with_context(|| format!("applying MutatingWebhookConfiguration {name}"))?;
+    let v = validating(name, target, ca_bundle);
     Api::<ValidatingWebhookConfiguration>::all(client.clone())
-        .patch(CONFIGURATION_NAME, &params, &Patch::Apply(&v))
+        .patch(name, &params, &Patch::Apply(&v))
         .await
-        .context("applying ValidatingWebhookConfiguration kinfer-webhook")?;
+        .with_context(|| format!("applying ValidatingWebhookConfiguration {name}"))?;
     tracing::info!(
+        configuration = name,
         ?target,
         ca_bundle = ca_bundle.is_some(),
         "webhook configurations applied"
@@ -173,7 +183,7 @@ mod tests {
 
     #[test]
     fn pod_webhook_is_scoped_and_fails_closed_inside_scope() {
-        let m = mutating(&service(), Some(b"CA"));
+        let m = mutating(CONFIGURATION_NAME, &service(), Some(b"CA"));
         let w = &m.webhooks.as_ref().unwrap()[0];
         assert_eq!(w.name, "pods.kinfer.dev");
         assert_eq!(w.side_effects, "None");
@@ -210,6 +220,7 @@ mod tests {
         let (client, state) = crate::fake_api::client();
         apply(
             &client,
+            CONFIGURATION_NAME,
             &Target::Url("https://127.0.0.1:8443".into()),
             Some(b"PEM"),
         )
@@ -233,7 +244,12 @@ mod tests {
 
     #[test]
     fn service_webhook_validates_knative_services_and_configurations() {
-        let v = validating(&Target::Url("https://127.0.0.1:8443/".into()), None);
+        let v = validating(
+            "kinfer-webhook-test",
+            &Target::Url("https://127.0.0.1:8443/".into()),
+            None,
+        );
+        assert_eq!(v.metadata.name.as_deref(), Some("kinfer-webhook-test"));
         let w = &v.webhooks.as_ref().unwrap()[0];
         assert_eq!(w.name, "services.kinfer.dev");
         assert_eq!(

@@ -301,3 +301,29 @@ async fn certificate_files_are_reloaded_when_they_change() {
 fn tokio_util_free_notify() -> Arc<tokio::sync::Notify> {
     Arc::new(tokio::sync::Notify::new())
 }
+
+#[test]
+fn short_lived_certificates_are_not_due_at_once() {
+    // A 20 s certificate backdated by 5 minutes would be "due" from the start and renewed
+    // at every check; the backdating is capped at a tenth of the lifetime.
+    let now = OffsetDateTime::now_utc();
+    let short = Lifetimes {
+        ca: Duration::from_secs(365 * 24 * 3600),
+        serving: Duration::from_secs(20),
+    };
+    let b = renew(None, &sans(), now, short).unwrap().unwrap();
+    let (from, to) = validity(&b.cert_pem).unwrap();
+    assert_eq!(to - from, time::Duration::seconds(22));
+    assert_eq!(renewal(Some(&b), &sans(), now), Renewal::Keep);
+    assert_eq!(
+        renewal(Some(&b), &sans(), now + time::Duration::seconds(10)),
+        Renewal::Keep
+    );
+    assert_eq!(
+        renewal(Some(&b), &sans(), now + time::Duration::seconds(14)),
+        Renewal::Serving
+    );
+    // Long-lived ones keep the 5-minute margin.
+    let (ca_from, _) = validity(&b.ca_pem).unwrap();
+    assert!(now - ca_from >= time::Duration::minutes(5) - time::Duration::seconds(1));
+}
