@@ -83,8 +83,16 @@ integration: tools
 	cargo test -p kinfer-tests --locked --no-run
 	hack/with-cluster --kinfer cargo test -p kinfer-tests --locked --offline -- --test-threads=$(INTEGRATION_THREADS)
 
+# The install manifests, applied to a cluster of their own, each component under its own
+# ServiceAccount.
+.PHONY: install-test
+install-test: tools
+	cargo build --bins --locked
+	cargo test -p kinfer-tests --locked --no-run
+	hack/with-cluster cargo test -p kinfer-tests --locked --offline --test install_manifests -- --ignored
+
 .PHONY: test
-test: lint unit wrapper-test integration
+test: lint unit wrapper-test integration install-test
 
 .PHONY: demo
 demo: tools

@@ -9,6 +9,7 @@ pub mod kube_client;
 pub mod runtime;
 pub mod shutdown;
 pub mod telemetry;
+pub mod warmpool;
 
 pub use admin::{AdminServer, Readiness};
 pub use args::{ClientArgs, CommonArgs};
