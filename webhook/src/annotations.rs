@@ -16,6 +16,11 @@ pub const GPU_SHARING: &str = "kinfer.dev/gpu-sharing";
 pub const GPU_RESOURCE: &str = "kinfer.dev/gpu-resource";
 pub const MODEL_MEMORY: &str = "kinfer.dev/model-memory";
 pub const HANDLER: &str = "kinfer.dev/handler";
+/// Opts a revision into the autoscaler plugin (autoscaler-plugin/README.md); validated here,
+/// used there.
+pub const AUTOSCALING: &str = "kinfer.dev/autoscaling";
+pub const AUTOSCALING_GPU_TARGET: &str = "kinfer.dev/autoscaling-gpu-target";
+const AUTOSCALING_MODES: &[&str] = &["requests", "gpu", "combined", "off"];
 
 /// Every annotation kinfer understands, in the order the docs list them. A later feature (e.g.
 /// the autoscaler's signal annotation) adds its key here and to [`KinferSpec`].
@@ -26,6 +31,8 @@ pub const KNOWN_KEYS: &[&str] = &[
     GPU_RESOURCE,
     MODEL_MEMORY,
     HANDLER,
+    AUTOSCALING,
+    AUTOSCALING_GPU_TARGET,
 ];
 
 /// Upper bound for `gpu-count`: far above any node, low enough to catch typos like `10000`.
@@ -252,6 +259,22 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Parsed, Annotatio
                     hint: Some(why),
                 }),
             },
+            AUTOSCALING => {
+                if let Err(e) = one_of(AUTOSCALING, value, AUTOSCALING_MODES) {
+                    errors.push(e);
+                }
+            }
+            AUTOSCALING_GPU_TARGET => {
+                let percent = value.trim_end_matches('%').parse::<f64>();
+                if !percent.is_ok_and(|p| (1.0..=100.0).contains(&p)) {
+                    errors.push(AnnotationError::InvalidValue {
+                        key: AUTOSCALING_GPU_TARGET,
+                        value: value.clone(),
+                        allowed: "allowed: a GPU busy percentage from 1 to 100, e.g. 80".to_string(),
+                        hint: None,
+                    });
+                }
+            }
             unknown => errors.push(AnnotationError::UnknownKey {
                 key: unknown.to_string(),
                 suggestion: nearest_key(unknown),
@@ -531,6 +554,31 @@ mod tests {
             }
         );
         assert!(parsed.warnings.is_empty(), "{:?}", parsed.warnings);
+    }
+
+    #[test]
+    fn autoscaling_annotations_are_checked_and_change_no_pod() {
+        let parsed = parse(&map(&[
+            (AUTOSCALING, "gpu"),
+            (AUTOSCALING_GPU_TARGET, "75"),
+        ]))
+        .unwrap();
+        assert!(parsed.spec.is_noop());
+        for mode in ["requests", "combined", "off"] {
+            assert!(parse(&map(&[(AUTOSCALING, mode)])).is_ok(), "{mode}");
+        }
+        let msg = messages(&[(AUTOSCALING, "GPU"), (AUTOSCALING_GPU_TARGET, "0")]);
+        assert!(
+            msg.contains("kinfer.dev/autoscaling: invalid value \"GPU\"")
+                && msg.contains("requests, gpu, combined, off")
+                && msg.contains("did you mean gpu?"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("kinfer.dev/autoscaling-gpu-target: invalid value \"0\""),
+            "{msg}"
+        );
+        assert!(messages(&[(AUTOSCALING_GPU_TARGET, "150")]).contains("1 to 100"));
     }
 
     #[test]
