@@ -52,6 +52,10 @@ pub struct Args {
     )]
     pub knative_namespace: String,
 
+    /// Drive only revisions in this namespace (default: all namespaces).
+    #[arg(long, env = "KINFER_WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+
     /// Where the signals come from.
     #[arg(long, env = "KINFER_SOURCE", value_enum, default_value_t = SourceKind::Prometheus)]
     pub source: SourceKind,

@@ -133,10 +133,18 @@ pub struct Discovery {
 
 impl Discovery {
     /// Starts the watches; they end when `stop` is cancelled.
-    pub fn start(client: Client, knative_namespace: String, stop: CancellationToken) -> Self {
+    pub fn start(
+        client: Client,
+        namespace: Option<&str>,
+        knative_namespace: String,
+        stop: CancellationToken,
+    ) -> Self {
         let gvk = GroupVersionKind::gvk("serving.knative.dev", "v1", "Revision");
         let ar = ApiResource::from_gvk_with_plural(&gvk, "revisions");
-        let rev_api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+        let rev_api: Api<DynamicObject> = match namespace {
+            Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+            None => Api::all_with(client.clone(), &ar),
+        };
         let rev_writer = reflector::store::Writer::new(ar);
         let revisions = rev_writer.as_reader();
         let rev_stream = watcher(rev_api, watcher::Config::default().any_semantic())
@@ -154,7 +162,10 @@ impl Discovery {
                 }
             });
 
-        let pod_api: Api<Pod> = Api::all(client.clone());
+        let pod_api: Api<Pod> = match namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
         let (pods, pod_writer) = reflector::store();
         let pod_stream = watcher(
             pod_api,

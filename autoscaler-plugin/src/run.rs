@@ -123,6 +123,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let discovery = Discovery::start(
         runtime.client.clone(),
+        args.namespace.as_deref(),
         args.knative_namespace.clone(),
         stop.clone(),
     );

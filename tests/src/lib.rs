@@ -191,3 +191,152 @@ pub mod knative {
             .map(str::to_string)
     }
 }
+
+/// The pool controller as a local process, watching one test namespace only (so parallel
+/// tests never share one), with its leader-election Lease in that namespace.
+pub mod pool {
+    use std::path::PathBuf;
+    use std::process::Stdio;
+    use std::time::Duration;
+
+    use anyhow::{Context, bail};
+    use tokio::process::{Child, Command};
+
+    fn workspace() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    }
+
+    /// Builds `kinfer-pool-controller` (a no-op when it is up to date) and returns its path.
+    pub async fn binary() -> anyhow::Result<PathBuf> {
+        static BUILT: tokio::sync::OnceCell<PathBuf> = tokio::sync::OnceCell::const_new();
+        BUILT
+            .get_or_try_init(|| async {
+                let status = Command::new(env!("CARGO"))
+                    .args(["build", "-q", "--offline", "-p", "kinfer-pool-controller"])
+                    .current_dir(workspace())
+                    .status()
+                    .await
+                    .context("running cargo build -p kinfer-pool-controller")?;
+                if !status.success() {
+                    bail!("cargo build -p kinfer-pool-controller failed");
+                }
+                Ok(workspace().join("target/debug/kinfer-pool-controller"))
+            })
+            .await
+            .cloned()
+    }
+
+    pub struct PoolController {
+        child: Child,
+        pub admin: String,
+    }
+
+    impl PoolController {
+        /// Starts the controller for `ns` and waits until its /readyz is green (it holds the
+        /// Lease and its WarmPool cache has synced).
+        pub async fn start(ns: &str) -> anyhow::Result<Self> {
+            let port = {
+                let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+                l.local_addr()?.port()
+            };
+            let admin = format!("127.0.0.1:{port}");
+            let child = Command::new(binary().await?)
+                .args([
+                    "--admin-addr",
+                    &admin,
+                    "--namespace",
+                    ns,
+                    "--lease-namespace",
+                    ns,
+                    "--lease-duration-seconds",
+                    "3",
+                    "--log",
+                    "info,kube=warn",
+                ])
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .context("starting kinfer-pool-controller")?;
+            let me = Self { child, admin };
+            me.wait_ready().await?;
+            Ok(me)
+        }
+
+        async fn wait_ready(&self) -> anyhow::Result<()> {
+            let url = format!("{}/readyz", self.admin);
+            crate::poll(Duration::from_secs(60), || async {
+                Ok(http_get(&url)
+                    .await
+                    .map(|(code, _)| code == 200)
+                    .unwrap_or(false))
+            })
+            .await
+            .context("pool controller /readyz")?;
+            Ok(())
+        }
+
+        /// The controller's Prometheus metrics text.
+        pub async fn metrics(&self) -> anyhow::Result<String> {
+            Ok(http_get(&format!("{}/metrics", self.admin)).await?.1)
+        }
+
+        /// SIGKILL: no chance to clean up or release the Lease.
+        pub async fn kill(mut self) -> anyhow::Result<()> {
+            self.child.kill().await?;
+            Ok(())
+        }
+    }
+
+    async fn http_get(addr_path: &str) -> anyhow::Result<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (addr, path) = addr_path.split_once('/').unwrap_or((addr_path, ""));
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(format!("GET /{path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+            .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        let text = String::from_utf8_lossy(&buf).to_string();
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|x| x.1)
+            .unwrap_or("")
+            .to_string();
+        Ok((code, body))
+    }
+}
+
+/// A workspace binary, built on first use (`cargo build -p PACKAGE --bin BIN`), for tests that
+/// run a kinfer component as a child process. Returns its path.
+pub async fn workspace_binary(package: &str, bin: &str) -> anyhow::Result<std::path::PathBuf> {
+    static BUILD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one_at_a_time = BUILD.lock().await;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let status = tokio::process::Command::new(cargo)
+        .current_dir(root)
+        .args(["build", "--offline", "--quiet", "-p", package, "--bin", bin])
+        .status()
+        .await
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build -p {package} --bin {bin} failed ({status})");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(target.join("debug").join(bin))
+}
+
+/// A TCP port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
