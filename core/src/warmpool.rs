@@ -25,41 +25,14 @@ pub const AUTOSCALER_PLUGIN_MANAGER: &str = "kinfer-autoscaler-plugin";
     shortname = "wp",
     status = "WarmPoolStatus",
     doc = "Warm pods for a Knative Configuration, handed to its latest ready Revision on scale-up",
-    printcolumn(
-        name = "Configuration",
-        type_ = "string",
-        json_path = ".spec.configurationRef.name"
-    ),
-    printcolumn(name = "Revision", type_ = "string", json_path = ".status.revision"),
-    printcolumn(
-        name = "Ready",
-        type_ = "integer",
-        json_path = ".status.readyReplicas",
-        description = "warm pods that are loaded and can be handed off"
-    ),
-    printcolumn(
-        name = "Desired",
-        type_ = "integer",
-        json_path = ".status.desiredReplicas"
-    ),
-    printcolumn(name = "Handoffs", type_ = "integer", json_path = ".status.handoffs"),
-    printcolumn(
-        name = "Misses",
-        type_ = "integer",
-        json_path = ".status.misses",
-        priority = 1
-    ),
-    printcolumn(
-        name = "Sizing",
-        type_ = "string",
-        json_path = ".spec.sizing",
-        priority = 1
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name":"Configuration", "type":"string", "jsonPath":".spec.configurationRef.name"}"#,
+    printcolumn = r#"{"name":"Revision", "type":"string", "jsonPath":".status.revision"}"#,
+    printcolumn = r#"{"name":"Ready", "type":"integer", "jsonPath":".status.readyReplicas", "description":"warm pods that are loaded and can be handed off"}"#,
+    printcolumn = r#"{"name":"Desired", "type":"integer", "jsonPath":".status.desiredReplicas"}"#,
+    printcolumn = r#"{"name":"Handoffs", "type":"integer", "jsonPath":".status.handoffs"}"#,
+    printcolumn = r#"{"name":"Misses", "type":"integer", "jsonPath":".status.misses", "priority":1}"#,
+    printcolumn = r#"{"name":"Sizing", "type":"string", "jsonPath":".spec.sizing", "priority":1}"#,
+    printcolumn = r#"{"name":"Age", "type":"date", "jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct WarmPoolSpec {

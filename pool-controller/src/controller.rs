@@ -724,19 +724,35 @@ pub fn error_policy(_pool: Arc<WarmPool>, error: &Error, ctx: Arc<Context>) -> A
 /// done its first list.
 pub async fn run(
     ctx: Arc<Context>,
+    namespace: Option<String>,
     stop: CancellationToken,
     synced: impl FnOnce() + Send + 'static,
 ) {
     let client = ctx.client.clone();
+    fn api<K>(client: &kube::Client, ns: &Option<String>) -> Api<K>
+    where
+        K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
     let controller = Controller::new(
-        Api::<WarmPool>::all(client.clone()),
+        api::<WarmPool>(&client, &namespace),
         watcher::Config::default(),
     );
     let store = controller.store();
     let wait = store.clone();
     tokio::spawn(async move {
-        if wait.wait_until_ready().await.is_ok() {
-            synced();
+        // Re-polled: kube-runtime wakes only one of several waiters on a store (the
+        // controller's own), so a lone wait here could sleep forever.
+        loop {
+            match tokio::time::timeout(Duration::from_millis(200), wait.wait_until_ready()).await {
+                Ok(Ok(())) => return synced(),
+                Ok(Err(_)) => return,
+                Err(_) => {}
+            }
         }
     });
     let by_configuration = move |ns: Option<String>, configuration: Option<String>| {
@@ -757,7 +773,7 @@ pub async fn run(
     let ar = configuration_resource();
     controller
         .watches(
-            Api::<Pod>::all(client.clone()),
+            api::<Pod>(&client, &namespace),
             watcher::Config::default().labels(POOL_LABEL),
             |pod: Pod| {
                 let ns = pod.namespace()?;
@@ -767,14 +783,17 @@ pub async fn run(
             },
         )
         .watches(
-            Api::<Deployment>::all(client.clone()),
+            api::<Deployment>(&client, &namespace),
             watcher::Config::default().labels(CONFIGURATION_LABEL),
             move |d: Deployment| {
                 by_configuration(d.namespace(), d.labels().get(CONFIGURATION_LABEL).cloned())
             },
         )
         .watches_with(
-            Api::<DynamicObject>::all_with(client.clone(), &ar),
+            match &namespace {
+                Some(ns) => Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ar),
+                None => Api::<DynamicObject>::all_with(client.clone(), &ar),
+            },
             ar,
             watcher::Config::default(),
             move |c: DynamicObject| by_configuration2(c.namespace(), c.metadata.name.clone()),
@@ -783,7 +802,7 @@ pub async fn run(
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {
-                tracing::debug!(error = %e, "reconcile");
+                tracing::warn!(error = %e, "controller");
             }
         })
         .await;

@@ -86,6 +86,10 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 15)]
     pub lease_duration_seconds: u64,
 
+    /// Watch WarmPools in this namespace only (default: every namespace).
+    #[arg(long, env = "KINFER_WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+
     /// This replica's identity in the Lease (default: POD_NAME, else host name and pid).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
@@ -149,7 +153,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             Duration::from_secs(args.default_load_seconds),
         ));
         // Stop acting when shutting down or when the lease is lost.
-        controller::run(ctx, lost.clone(), move || synced.open()).await;
+        controller::run(ctx, args.namespace.clone(), lost.clone(), move || {
+            synced.open()
+        })
+        .await;
         if !stop.is_cancelled() {
             // Lost the lease: exit so that the replacement starts from the cluster's state.
             runtime.shutdown.trigger();

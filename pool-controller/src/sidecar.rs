@@ -70,7 +70,7 @@ impl SidecarVerifier for NoMesh {
 #[derive(Clone)]
 pub enum EnvoyAdmin {
     /// A pod's sidecar, through the API server's port-forward.
-    PortForward { pods: Api<Pod>, pod: String },
+    PortForward { pods: Box<Api<Pod>>, pod: String },
     /// An address this process can connect to (a local Envoy, in tests).
     Direct(SocketAddr),
 }
@@ -219,10 +219,10 @@ impl SidecarVerifier for Istio {
                 return Ok(());
             }
             let admin = EnvoyAdmin::PortForward {
-                pods: Api::namespaced(
+                pods: Box::new(Api::namespaced(
                     self.client.clone(),
                     pod.metadata.namespace.as_deref().unwrap_or_default(),
-                ),
+                )),
                 pod: pod.metadata.name.clone().unwrap_or_default(),
             };
             wait_for_inbound_cluster(
