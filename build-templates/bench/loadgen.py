@@ -49,21 +49,22 @@ def percentile(sorted_values, q):
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
-def summarize(latencies, errors, elapsed):
+def summarize(latencies, errors, elapsed, sent=None):
     lat = sorted(latencies)
-    return {"requests": len(lat), "errors": errors, "rps": len(lat) / elapsed,
+    return {"requests": len(lat), "sent": len(lat) if sent is None else sent, "errors": errors,
+            "rps": len(lat) / elapsed,
             "p50_ms": percentile(lat, 0.50) * 1e3, "p99_ms": percentile(lat, 0.99) * 1e3}
 
 
 async def closed_loop(host, port, requests, concurrency, duration, warmup=0.5):
     """`concurrency` connections, each sending its next request when the last one returns."""
-    latencies, errors = [], 0
+    latencies, errors, sent = [], 0, 0
     start = time.perf_counter()
     measure_from = start + warmup
     stop = measure_from + duration
 
     async def client(k):
-        nonlocal errors
+        nonlocal errors, sent
         conn = await Conn.open(host, port)
         i = k
         try:
@@ -73,6 +74,7 @@ async def closed_loop(host, port, requests, concurrency, duration, warmup=0.5):
                     return
                 status, _ = await conn.call(requests[i % len(requests)])
                 t1 = time.perf_counter()
+                sent += 1
                 i += concurrency
                 if t0 >= measure_from:
                     if status == 200:
@@ -83,7 +85,7 @@ async def closed_loop(host, port, requests, concurrency, duration, warmup=0.5):
             conn.close()
 
     await asyncio.gather(*(client(k) for k in range(concurrency)))
-    return summarize(latencies, errors, duration)
+    return summarize(latencies, errors, duration, sent)
 
 
 async def open_loop(host, port, requests, rate, duration, max_conns=512):

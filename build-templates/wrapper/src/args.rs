@@ -59,6 +59,11 @@ pub struct Args {
     #[arg(long, env = "KINFER_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub workers: u32,
 
+    /// Threads for HTTP and JSON work. The Python workers do the heavy lifting in their own
+    /// processes, so one thread usually suffices; raise it for large JSON tensors.
+    #[arg(long, env = "KINFER_HTTP_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub http_threads: u32,
+
     /// The Python interpreter that runs the workers.
     #[arg(long, env = "KINFER_PYTHON", default_value = "python3")]
     pub python: String,

@@ -315,21 +315,27 @@ impl Dispatcher {
             .send(Err(InferError::Unavailable(msg.to_string())));
     }
 
+    /// Waits for an idle worker; None when no worker is ready (none would come soon) or the
+    /// workers are gone.
+    async fn free_worker(&mut self) -> Option<mpsc::Sender<Batch>> {
+        loop {
+            if *self.ready.borrow_and_update() == 0 {
+                return None;
+            }
+            tokio::select! {
+                slot = self.idle.recv() => return slot,
+                // Re-check: the last worker may have died while we waited.
+                _ = self.ready.changed() => {}
+            }
+        }
+    }
+
     async fn dispatch(&mut self) {
+        const NO_WORKER: &str = "no Python worker is ready (starting or restarting)";
         while let Some(first) = self.next_job().await {
             // Wait for a free worker; meanwhile more requests queue up and join the batch.
-            let slot = loop {
-                if *self.ready.borrow_and_update() == 0 {
-                    break None;
-                }
-                tokio::select! {
-                    slot = self.idle.recv() => break slot,
-                    // Re-check: the last worker may have died while we waited.
-                    _ = self.ready.changed() => {}
-                }
-            };
-            let Some(mut slot) = slot else {
-                self.fail(first, "no Python worker is ready (starting or restarting)");
+            let Some(mut slot) = self.free_worker().await else {
+                self.fail(first, NO_WORKER);
                 continue;
             };
             let jobs = self.gather(first).await;
@@ -342,13 +348,11 @@ impl Dispatcher {
                     // That worker died while idle; try another.
                     Err(mpsc::error::SendError(b)) => batch = b,
                 }
-                match self.idle.recv().await {
+                match self.free_worker().await {
                     Some(s) => slot = s,
                     None => {
-                        batch.complete(Err(InferError::Unavailable(
-                            "the server is shutting down".into(),
-                        )));
-                        return;
+                        batch.complete(Err(InferError::Unavailable(NO_WORKER.into())));
+                        break;
                     }
                 }
             }
