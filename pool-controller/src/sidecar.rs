@@ -102,13 +102,14 @@ impl EnvoyAdmin {
     }
 }
 
-/// A minimal HTTP/1.0 GET (the admin API closes the connection after the response).
+/// A minimal HTTP/1.1 GET with `Connection: close` (Envoy's admin API refuses HTTP/1.0);
+/// reads to the end and decodes a chunked body.
 async fn http_get<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     path: &str,
 ) -> Result<String, SidecarError> {
     let unreachable = |e: &dyn std::fmt::Display| SidecarError::Unreachable(e.to_string());
-    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     stream
         .write_all(request.as_bytes())
         .await
@@ -126,7 +127,28 @@ async fn http_get<S: AsyncRead + AsyncWrite + Unpin>(
     if status != "200" {
         return Err(unreachable(&format!("GET {path}: HTTP {status}")));
     }
-    Ok(body.to_string())
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    if chunked {
+        dechunk(body).ok_or_else(|| unreachable(&"malformed chunked body"))
+    } else {
+        Ok(body.to_string())
+    }
+}
+
+fn dechunk(mut body: &str) -> Option<String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(out);
+        }
+        out.push_str(rest.get(..size)?);
+        body = rest.get(size..)?.strip_prefix("\r\n")?;
+    }
 }
 
 /// Whether an Envoy `config_dump` holds an inbound cluster for `host`: Istio names inbound
@@ -151,10 +173,13 @@ fn clusters(config_dump: &Value) -> impl Iterator<Item = &Value> {
         .into_iter()
         .flatten()
         .flat_map(|cfg| {
-            ["dynamic_active_clusters", "static_clusters"]
+            // A full dump nests clusters in a ClustersConfigDump; a `?resource=` dump lists
+            // the DynamicCluster entries themselves.
+            let nested = ["dynamic_active_clusters", "static_clusters"]
                 .into_iter()
                 .filter_map(move |k| cfg.get(k).and_then(Value::as_array))
-                .flatten()
+                .flatten();
+            std::iter::once(cfg).chain(nested)
         })
         .filter_map(|c| c.get("cluster"))
 }
@@ -280,6 +305,21 @@ mod tests {
             "m-00002-private.ns.svc.cluster.local"
         ));
         assert!(!inbound_cluster_for(&json!({}), "x"));
+        // `?resource=dynamic_active_clusters` lists the entries themselves.
+        let entries = json!({"configs": [
+            {"cluster": {"name": "inbound|8012||", "metadata": {"filter_metadata": {"istio": {
+                "services": [{"host": "h"}]}}}}}
+        ]});
+        assert!(inbound_cluster_for(&entries, "h"));
+    }
+
+    #[test]
+    fn decodes_chunked_bodies() {
+        assert_eq!(
+            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n").as_deref(),
+            Some("hello world")
+        );
+        assert_eq!(dechunk("zz\r\n"), None);
     }
 
     #[test]
