@@ -55,7 +55,7 @@ pub fn parse_mode(value: &str) -> Result<Option<Mode>, String> {
 /// `kinfer.dev/autoscaling-gpu-target`: a percentage, returned as a fraction.
 pub fn parse_gpu_target(value: &str) -> Result<f64, String> {
     match value.trim_end_matches('%').parse::<f64>() {
-        Ok(p) if p.is_finite() && p >= 1.0 && p <= 100.0 => Ok(p / 100.0),
+        Ok(p) if (1.0..=100.0).contains(&p) => Ok(p / 100.0),
         _ => Err(format!(
             "annotation {AUTOSCALING_GPU_TARGET}: invalid value {value:?}: allowed: a percentage from 1 to 100, e.g. 80"
         )),
@@ -207,7 +207,8 @@ mod tests {
     #[test]
     fn targets_follow_knatives_resolution() {
         let d = KnativeDefaults::default();
-        let cases: &[(&[(&str, &str)], i64, KpaMetric, f64)] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], i64, KpaMetric, f64);
+        let cases: &[Case] = &[
             (&[], 0, KpaMetric::Concurrency, 70.0),
             (&[], 4, KpaMetric::Concurrency, 2.8),
             (

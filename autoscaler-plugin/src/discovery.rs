@@ -22,6 +22,9 @@ use crate::signals::PodKey;
 pub const REVISION_LABEL: &str = "serving.knative.dev/revision";
 pub const CONFIGURATION_LABEL: &str = "serving.knative.dev/configuration";
 
+/// A pod of a revision, with its IP when it has one.
+pub type RevisionPod = (PodKey, Option<String>);
+
 /// A revision the plugin drives, with its running pods (and their IPs, for scraping).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DrivenRevision {
@@ -29,7 +32,7 @@ pub struct DrivenRevision {
     pub name: String,
     pub configuration: String,
     pub policy: RevisionPolicy,
-    pub pods: Vec<(PodKey, Option<String>)>,
+    pub pods: Vec<RevisionPod>,
 }
 
 /// The revisions to drive, and problems with revisions that opted in but cannot be driven
@@ -39,7 +42,7 @@ pub fn driven_revisions(
     pods: &[Arc<Pod>],
     defaults: &KnativeDefaults,
 ) -> (Vec<DrivenRevision>, BTreeMap<String, String>) {
-    let mut by_revision: HashMap<(String, String), Vec<(PodKey, Option<String>)>> = HashMap::new();
+    let mut by_revision: HashMap<(String, String), Vec<RevisionPod>> = HashMap::new();
     for pod in pods {
         let (Some(ns), Some(rev)) = (
             pod.metadata.namespace.as_deref(),
