@@ -52,7 +52,10 @@ fn main() {
             pods: (0..n_pods)
                 .map(|p| {
                     (
-                        PodKey::new(format!("ns-{}", r % 50), format!("rev-{r}-deployment-abc-{p}")),
+                        PodKey::new(
+                            format!("ns-{}", r % 50),
+                            format!("rev-{r}-deployment-abc-{p}"),
+                        ),
                         None,
                     )
                 })
@@ -86,7 +89,11 @@ fn main() {
     }
     let rss = std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(str::to_string)
+        })
         .unwrap_or_default();
     println!(
         "{n_rev} revisions × {n_pods} pods: mean {:.1?} per round, worst {worst:.1?} (of the 1 s interval); frame {bytes} bytes; peak {rss}",
