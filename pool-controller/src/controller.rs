@@ -33,6 +33,17 @@ use crate::pod::{PodView, PoolState, Target, handoff_patch, open_gate_patch, war
 use crate::sidecar::{SidecarVerifier, private_service_host};
 use crate::sizing;
 
+/// Fault injection for the crash-safety tests: with `KINFER_POOL_CRASH_AFTER=<step>` the
+/// process aborts right after that step of a handoff (`handoff`: the relabel patch;
+/// `gate`: opening the served gate; `create`: creating the refill pods), before anything
+/// else is written.
+fn crash_point(step: &str) {
+    if std::env::var("KINFER_POOL_CRASH_AFTER").is_ok_and(|s| s == step) {
+        tracing::error!(step, "KINFER_POOL_CRASH_AFTER: aborting");
+        std::process::abort();
+    }
+}
+
 /// How many scale-ups the status remembers.
 const SCALE_UP_HISTORY: usize = 128;
 
@@ -332,6 +343,7 @@ pub async fn reconcile(cached: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Actio
             observed_at: parse_time(&f.observed_at)?,
         })
     });
+    let load_seconds = observed_refill(&pool_pods).unwrap_or(ctx.default_refill.as_secs_f64());
     let decision = sizing::size(&sizing::Input {
         policy: pool.spec.sizing,
         min_ready: pool.spec.min_ready,
@@ -340,7 +352,7 @@ pub async fn reconcile(cached: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Actio
         scale_ups: &scale_ups,
         forecast,
         replicas: target.map(|t| t.replicas).unwrap_or(0),
-        refill_seconds: observed_refill(&pool_pods).unwrap_or(ctx.default_refill.as_secs_f64()),
+        refill_seconds: load_seconds,
         warm: warm_now,
         room,
     });
@@ -353,7 +365,14 @@ pub async fn reconcile(cached: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Actio
         unmet,
         ready_after,
         warm_after,
-    } = plan(target, &pool_views, &revision_views, decision.desired);
+    } = plan(
+        target,
+        &pool_views,
+        &revision_views,
+        decision.desired,
+        now,
+        load_seconds,
+    );
 
     // 1. Hand off: latency matters most here.
     let mut handed = 0;
@@ -377,6 +396,9 @@ pub async fn reconcile(cached: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Actio
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+    if handed > 0 {
+        crash_point("handoff");
     }
 
     // 2. Let handed-off pods serve once their sidecar serves the revision.
@@ -448,6 +470,9 @@ pub async fn reconcile(cached: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Actio
             }
         }
     }
+    if !open_gate.is_empty() {
+        crash_point("gate");
+    }
     if handed > 0 {
         ctx.metrics
             .handoffs
@@ -514,6 +539,7 @@ pub async fn reconcile(cached: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Actio
             pods.create(&PostParams::default(), &pod).await?;
         }
         tracing::info!(count = create, revision = %f.target.revision, "created warm pods");
+        crash_point("create");
     }
     if status
         .desired_replicas

@@ -21,14 +21,21 @@ pub struct Plan {
     pub warm_after: i32,
 }
 
+/// A cold pod this far into its expected load time is about to serve: handing a warm pod
+/// off in its place would gain little and cost a refill.
+pub const ABOUT_TO_SERVE: f64 = 0.75;
+
 /// `pool_pods`: every pod with the pool's label (warm and handed-off). `revision_pods`:
 /// every pod that carries the target revision's `revisionUID`. `desired_warm`: what the
-/// sizing policy chose.
+/// sizing policy chose. `now` (Unix seconds) and `load_seconds` (the model's load time)
+/// tell which cold pods are about to serve anyway.
 pub fn plan(
     target: Option<&Target>,
     pool_pods: &[PodView],
     revision_pods: &[PodView],
     desired_warm: i32,
+    now: f64,
+    load_seconds: f64,
 ) -> Plan {
     let mut plan = Plan::default();
     let Some(target) = target else {
@@ -47,7 +54,13 @@ pub fn plan(
     let serving = revision_pods
         .iter()
         .filter(current)
-        .filter(|p| !p.terminating && (p.ready || (p.state == PoolState::HandedOff && p.loaded)))
+        .filter(|p| {
+            let about_to_serve = p.state == PoolState::None
+                && p.created_at
+                    .is_some_and(|c| now - c >= ABOUT_TO_SERVE * load_seconds);
+            !p.terminating
+                && (p.ready || about_to_serve || (p.state == PoolState::HandedOff && p.loaded))
+        })
         .count() as i32;
     let missing = (target.replicas - serving).max(0);
 
@@ -112,6 +125,8 @@ pub fn plan(
 mod tests {
     use super::*;
 
+    const NOW: f64 = 1_000_000.0;
+
     fn target(replicas: i32) -> Target {
         Target {
             revision: "m-00001".into(),
@@ -122,7 +137,8 @@ mod tests {
     }
 
     /// A pod from a compact description: `w` warm, `h` handed off, `c` a cold revision pod;
-    /// then flags: `L` loaded, `R` ready, `G` gate open, `T` terminating, `o` old template.
+    /// then flags: `L` loaded, `R` ready, `G` gate open, `T` terminating, `o` old template,
+    /// `A` created 18 s ago (most of the 20 s load time).
     fn pod(name: &str, spec: &str) -> PodView {
         let kind = &spec[..1];
         let flags = &spec[1..];
@@ -142,6 +158,11 @@ mod tests {
             terminating: flags.contains('T'),
             has_gate: kind != "c",
             created: format!("2026-01-01T00:00:{name}Z"),
+            created_at: Some(if flags.contains('A') {
+                NOW - 18.0
+            } else {
+                NOW - 1.0
+            }),
             handoff_time: None,
         }
     }
@@ -316,6 +337,23 @@ mod tests {
                 unmet: 0,
             },
             Case {
+                name: "a cold pod about to finish loading is not replaced",
+                replicas: 4,
+                pool: vec![pod("01", "wL")],
+                revision: vec![
+                    pod("02", "hLRG"),
+                    pod("03", "hLRG"),
+                    pod("04", "cLR"),
+                    pod("05", "cA"),
+                ],
+                desired: 1,
+                handoff: vec![],
+                open_gate: vec![],
+                delete: vec![],
+                create: 0,
+                unmet: 0,
+            },
+            Case {
                 name: "a Ready cold pod already serves: no handoff",
                 replicas: 1,
                 pool: vec![pod("01", "wL")],
@@ -330,7 +368,7 @@ mod tests {
         ];
         for c in cases {
             let t = target(c.replicas);
-            let p = plan(Some(&t), &c.pool, &c.revision, c.desired);
+            let p = plan(Some(&t), &c.pool, &c.revision, c.desired, NOW, 20.0);
             assert_eq!(names(&p.handoff), c.handoff, "{}: handoff", c.name);
             assert_eq!(names(&p.open_gate), c.open_gate, "{}: open gate", c.name);
             assert_eq!(p.delete, c.delete, "{}: delete", c.name);
@@ -342,7 +380,7 @@ mod tests {
     #[test]
     fn without_a_ready_revision_every_warm_pod_goes_and_handed_off_ones_stay() {
         let pool = [pod("01", "wL"), pod("02", "hLRG"), pod("03", "wT")];
-        let p = plan(None, &pool, &[], 3);
+        let p = plan(None, &pool, &[], 3, NOW, 20.0);
         assert_eq!(p.delete, vec!["01"]);
         assert_eq!(p.create, 0);
     }

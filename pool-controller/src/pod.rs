@@ -142,6 +142,8 @@ pub struct PodView {
     pub has_gate: bool,
     /// Creation time, RFC 3339 (sorts in time order).
     pub created: String,
+    /// Creation time, Unix seconds.
+    pub created_at: Option<f64>,
     pub handoff_time: Option<String>,
 }
 
@@ -192,6 +194,10 @@ impl PodView {
                 .as_ref()
                 .map(|t| t.0.to_string())
                 .unwrap_or_default(),
+            created_at: meta
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.as_millisecond() as f64 / 1000.0),
             handoff_time: annotation(HANDOFF_TIME_ANNOTATION),
         }
     }

@@ -226,6 +226,22 @@ pub mod pool {
             .cloned()
     }
 
+    /// The controller's log: `$KINFER_CLUSTER_DIR/pool-controller-<ns>.log` (kept with the
+    /// cluster's state for post-mortems), else discarded.
+    fn log_file(ns: &str) -> anyhow::Result<Stdio> {
+        Ok(match std::env::var_os("KINFER_CLUSTER_DIR") {
+            Some(dir) => {
+                let path = PathBuf::from(dir).join(format!("pool-controller-{ns}.log"));
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?
+                    .into()
+            }
+            None => Stdio::null(),
+        })
+    }
+
     pub struct PoolController {
         child: Child,
         pub admin: String,
@@ -235,6 +251,11 @@ pub mod pool {
         /// Starts the controller for `ns` and waits until its /readyz is green (it holds the
         /// Lease and its WarmPool cache has synced).
         pub async fn start(ns: &str) -> anyhow::Result<Self> {
+            Self::start_with_env(ns, &[]).await
+        }
+
+        /// Like [`Self::start`], with extra environment (e.g. `KINFER_POOL_CRASH_AFTER`).
+        pub async fn start_with_env(ns: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
             let port = {
                 let l = std::net::TcpListener::bind("127.0.0.1:0")?;
                 l.local_addr()?.port()
@@ -253,7 +274,8 @@ pub mod pool {
                     "--log",
                     "info,kube=warn",
                 ])
-                .stdout(Stdio::null())
+                .envs(env.iter().copied())
+                .stdout(log_file(ns)?)
                 .kill_on_drop(true)
                 .spawn()
                 .context("starting kinfer-pool-controller")?;
@@ -278,6 +300,14 @@ pub mod pool {
         /// The controller's Prometheus metrics text.
         pub async fn metrics(&self) -> anyhow::Result<String> {
             Ok(http_get(&format!("{}/metrics", self.admin)).await?.1)
+        }
+
+        /// Waits for the process to exit on its own (e.g. at a crash point).
+        pub async fn wait_exit(mut self, timeout: Duration) -> anyhow::Result<()> {
+            tokio::time::timeout(timeout, self.child.wait())
+                .await
+                .context("the pool controller did not exit")??;
+            Ok(())
         }
 
         /// SIGKILL: no chance to clean up or release the Lease.

@@ -31,6 +31,15 @@ async fn autoscaler_url(client: &kube::Client) -> anyhow::Result<String> {
 }
 
 async fn create_service(client: &kube::Client, ns: &str, name: &str) -> anyhow::Result<String> {
+    create_service_with(client, ns, name, "0").await
+}
+
+async fn create_service_with(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    min_scale: &str,
+) -> anyhow::Result<String> {
     let svc: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "serving.knative.dev/v1",
         "kind": "Service",
@@ -40,7 +49,7 @@ async fn create_service(client: &kube::Client, ns: &str, name: &str) -> anyhow::
                 "test.kinfer.dev/load-time": LOAD_TIME,
                 "autoscaling.knative.dev/target": "10",
                 "autoscaling.knative.dev/window": "6s",
-                "autoscaling.knative.dev/min-scale": "0",
+                "autoscaling.knative.dev/min-scale": min_scale,
             }},
             "spec": { "containers": [{ "image": "dev.local/model" }] }
         }}
@@ -277,5 +286,244 @@ async fn scale_from_zero_takes_the_warm_pod_then_the_pool_refills() -> anyhow::R
         warm_time < cold_time / 2,
         "warm {warm_time:?} vs cold {cold_time:?}"
     );
+    Ok(())
+}
+
+fn pod_uid(p: &Pod) -> String {
+    p.metadata.uid.clone().unwrap_or_default()
+}
+
+async fn warm_pods(client: &kube::Client, ns: &str, pool: &str) -> anyhow::Result<Vec<Pod>> {
+    Ok(pods(
+        client,
+        ns,
+        &format!("kinfer.dev/warmpool={pool},kinfer.dev/pool-state=warm"),
+    )
+    .await?
+    .into_iter()
+    .filter(live)
+    .collect())
+}
+
+async fn wait_pool(
+    pools: &Api<WarmPool>,
+    name: &str,
+    cond: impl Fn(&kinfer_core::warmpool::WarmPoolStatus) -> bool,
+) -> anyhow::Result<WarmPool> {
+    wait_for(pools, name, Duration::from_secs(120), |p| {
+        p.status.as_ref().is_some_and(&cond)
+    })
+    .await
+}
+
+/// No pod is half handed off: a pool pod is either warm (no revision selector labels, owned
+/// by the pool) or handed off (every selector label, no pool owner).
+fn assert_no_half_handoffs(all: &[Pod]) {
+    for p in all.iter().filter(|p| live(p)) {
+        let labels = p.metadata.labels.clone().unwrap_or_default();
+        let owners = p.metadata.owner_references.clone().unwrap_or_default();
+        match labels.get("kinfer.dev/pool-state").map(String::as_str) {
+            Some("warm") => {
+                assert!(
+                    !labels.contains_key("serving.knative.dev/revisionUID"),
+                    "{labels:?}"
+                );
+                assert!(!labels.contains_key("pod-template-hash"), "{labels:?}");
+                assert!(owners.iter().any(|o| o.kind == "WarmPool"), "{owners:?}");
+            }
+            Some("handed-off") => {
+                assert!(
+                    labels.contains_key("serving.knative.dev/revisionUID"),
+                    "{labels:?}"
+                );
+                assert!(labels.contains_key("pod-template-hash"), "{labels:?}");
+                assert!(!owners.iter().any(|o| o.kind == "WarmPool"), "{owners:?}");
+            }
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn scale_one_to_four_with_a_pool_of_two_takes_two_warm_pods() -> anyhow::Result<()> {
+    let client = client().await?;
+    let ns = namespace(&client, "pool-burst").await?;
+    let _controller = PoolController::start(&ns).await?;
+    let revision = create_service(&client, &ns, "burst").await?;
+    // Hold the revision at one pod (concurrency 5, target 10 × 0.7).
+    let url = autoscaler_url(&client).await?;
+    let one = feed(url.clone(), &ns, &revision, 5.0);
+    let pools: Api<WarmPool> = Api::namespaced(client.clone(), &ns);
+    pools
+        .create(&PostParams::default(), &warm_pool("burst", "burst", 2))
+        .await?;
+    wait_pool(&pools, "burst", |s| s.ready_replicas == Some(2)).await?;
+    let warm: Vec<String> = warm_pods(&client, &ns, "burst")
+        .await?
+        .iter()
+        .map(pod_uid)
+        .collect();
+    assert_eq!(warm.len(), 2);
+    assert_eq!(revision_pods(&client, &ns, &revision).await?.len(), 1);
+
+    // Concurrency 28 → ceil(28 / 7) = 4 pods.
+    one.cancel();
+    let four = feed(url, &ns, &revision, 28.0);
+    // Two warm pods serve at once; the third new pod starts cold.
+    poll(Duration::from_secs(60), || async {
+        let ready: Vec<String> = revision_pods(&client, &ns, &revision)
+            .await?
+            .iter()
+            .filter(|p| pod_ready(p))
+            .map(pod_uid)
+            .collect();
+        Ok(ready.len() >= 3 && warm.iter().all(|w| ready.contains(w)))
+    })
+    .await?;
+    // The counts settle exactly: four revision pods, all Ready once the cold one loads.
+    poll(Duration::from_secs(90), || async {
+        let p = revision_pods(&client, &ns, &revision).await?;
+        Ok(p.len() == 4 && p.iter().all(pod_ready))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(revision_pods(&client, &ns, &revision).await?.len(), 4);
+    let status = wait_pool(&pools, "burst", |s| s.ready_replicas == Some(2))
+        .await?
+        .status
+        .unwrap();
+    assert_eq!(status.handoffs, Some(2));
+    assert_eq!(
+        status.misses,
+        Some(1),
+        "one of the three new pods started cold"
+    );
+    assert_no_half_handoffs(&pods(&client, &ns, "kinfer.dev/warmpool").await?);
+    four.cancel();
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_new_revision_moves_the_pool_and_deleting_the_pool_leaves_revision_pods()
+-> anyhow::Result<()> {
+    let client = client().await?;
+    let ns = namespace(&client, "pool-rollout").await?;
+    let _controller = PoolController::start(&ns).await?;
+    let first = create_service_with(&client, &ns, "roll", "1").await?;
+    let pools: Api<WarmPool> = Api::namespaced(client.clone(), &ns);
+    pools
+        .create(&PostParams::default(), &warm_pool("roll", "roll", 1))
+        .await?;
+    wait_pool(&pools, "roll", |s| {
+        s.ready_replicas == Some(1) && s.revision.as_deref() == Some(first.as_str())
+    })
+    .await?;
+    let old_warm = pod_uid(&warm_pods(&client, &ns, "roll").await?[0]);
+
+    let services = knative::services(&client, &ns);
+    let patch = json!({ "spec": { "template": { "spec": { "containers": [
+        { "image": "dev.local/model", "env": [{ "name": "VERSION", "value": "2" }] }
+    ]}}}});
+    services
+        .patch(
+            "roll",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await?;
+    let second = format!("{}-00002", "roll");
+    let moved = wait_pool(&pools, "roll", |s| {
+        s.ready_replicas == Some(1) && s.revision.as_deref() == Some(second.as_str())
+    })
+    .await?;
+    assert_ne!(moved.status.unwrap().pod_template_hash, None);
+    let warm = warm_pods(&client, &ns, "roll").await?;
+    assert_eq!(warm.len(), 1);
+    assert_ne!(
+        pod_uid(&warm[0]),
+        old_warm,
+        "the old revision's warm pod went"
+    );
+    assert_eq!(
+        warm[0].metadata.labels.as_ref().unwrap()["serving.knative.dev/revision"],
+        second
+    );
+
+    let serving = revision_pods(&client, &ns, &second).await?;
+    assert!(!serving.is_empty());
+    pools.delete("roll", &DeleteParams::default()).await?;
+    poll(Duration::from_secs(60), || async {
+        Ok(pods(&client, &ns, "kinfer.dev/warmpool")
+            .await?
+            .iter()
+            .all(|p| !live(p)))
+    })
+    .await?;
+    let after = revision_pods(&client, &ns, &second).await?;
+    assert_eq!(
+        after.iter().map(pod_uid).collect::<Vec<_>>(),
+        serving.iter().map(pod_uid).collect::<Vec<_>>(),
+        "the revision's pods stay"
+    );
+    Ok(())
+}
+
+/// Kills the controller right after each step of a handoff; after a restart the adopted pod
+/// is the warm one, no pod is half handed off or handed off twice, the counts settle and the
+/// pool refills. Deleting the pool then leaves the handed-off pod with its revision.
+#[tokio::test]
+async fn a_controller_killed_between_handoff_steps_recovers() -> anyhow::Result<()> {
+    let client = client().await?;
+    for step in ["handoff", "gate", "create"] {
+        let ns = namespace(&client, &format!("pool-crash-{step}")).await?;
+        let controller = PoolController::start(&ns).await?;
+        let revision = create_service(&client, &ns, "crash").await?;
+        let pools: Api<WarmPool> = Api::namespaced(client.clone(), &ns);
+        pools
+            .create(&PostParams::default(), &warm_pool("crash", "crash", 1))
+            .await?;
+        wait_pool(&pools, "crash", |s| s.ready_replicas == Some(1)).await?;
+        wait_scaled_to_zero(&client, &ns, &revision).await?;
+        let warm = pod_uid(&warm_pods(&client, &ns, "crash").await?[0]);
+        controller.kill().await?;
+        let crashing =
+            PoolController::start_with_env(&ns, &[("KINFER_POOL_CRASH_AFTER", step)]).await?;
+
+        let feeding = feed(autoscaler_url(&client).await?, &ns, &revision, 5.0);
+        crashing
+            .wait_exit(Duration::from_secs(60))
+            .await
+            .map_err(|e| e.context(format!("crash point {step}")))?;
+        assert_no_half_handoffs(&pods(&client, &ns, "kinfer.dev/warmpool").await?);
+        let _controller = PoolController::start(&ns).await?;
+
+        // The warm pod serves; exactly one revision pod; the pool refills.
+        poll(Duration::from_secs(60), || async {
+            let p = revision_pods(&client, &ns, &revision).await?;
+            Ok(p.len() == 1 && pod_uid(&p[0]) == warm && pod_ready(&p[0]))
+        })
+        .await
+        .map_err(|e| e.context(format!("after a crash at {step}")))?;
+        wait_pool(&pools, "crash", |s| s.ready_replicas == Some(1)).await?;
+        let all = pods(&client, &ns, "kinfer.dev/warmpool").await?;
+        assert_no_half_handoffs(&all);
+        let warm_now = warm_pods(&client, &ns, "crash").await?;
+        assert_eq!(warm_now.len(), 1, "{step}: refilled exactly once");
+        assert_ne!(pod_uid(&warm_now[0]), warm);
+
+        pools.delete("crash", &DeleteParams::default()).await?;
+        poll(Duration::from_secs(60), || async {
+            Ok(warm_pods(&client, &ns, "crash").await?.is_empty())
+        })
+        .await?;
+        let p = revision_pods(&client, &ns, &revision).await?;
+        assert_eq!(
+            p.iter().map(pod_uid).collect::<Vec<_>>(),
+            vec![warm.clone()],
+            "{step}: the handed-off pod stays"
+        );
+        feeding.cancel();
+        eprintln!("crash after {step}: recovered");
+    }
     Ok(())
 }
