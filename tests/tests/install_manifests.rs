@@ -241,3 +241,55 @@ fn tempdir() -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
+
+#[tokio::test]
+#[ignore = "needs a cluster of its own: make install-test"]
+async fn autoscaler_plugin_runs_under_its_own_service_account() -> anyhow::Result<()> {
+    let client = client().await?;
+    let manifests = repo_root().join("manifests");
+    kubectl(&["apply", "--server-side", "-k", manifests.to_str().unwrap()])?;
+    // Something for it to read: an opted-in Service and a WarmPool to publish a forecast on.
+    let objects = r#"
+apiVersion: serving.knative.dev/v1
+kind: Service
+metadata: {name: rbac-check, namespace: default}
+spec:
+  template:
+    metadata:
+      annotations: {kinfer.dev/autoscaling: requests}
+    spec:
+      containers: [{image: dev.local/model}]
+---
+apiVersion: kinfer.dev/v1alpha1
+kind: WarmPool
+metadata: {name: rbac-check, namespace: default}
+spec: {configurationRef: {name: rbac-check}, minReady: 0}
+"#;
+    let path = tempdir()?.join("objects.yaml");
+    std::fs::write(&path, objects)?;
+    kubectl(&["apply", "-f", path.to_str().unwrap()])?;
+    let dir = tempdir()?;
+    let kubeconfig =
+        service_account_kubeconfig(&client, "kinfer-system", "kinfer-autoscaler-plugin", &dir).await?;
+    let log = dir.join("plugin.log");
+    let _plugin = start(
+        "kinfer-autoscaler-plugin",
+        &kubeconfig,
+        &log,
+        &[
+            "--source=scrape",
+            "--knative-reporters=none",
+            "--autoscaler-url=ws://10.255.255.1:8080",
+            "--admin-addr=127.0.0.1:19402",
+        ],
+    )?;
+    wait_ready("127.0.0.1:19402", &log).await?;
+    // A few rounds of its loop: revision and pod watches, Knative's defaults, WarmPool list.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let log_text = std::fs::read_to_string(&log)?;
+    assert!(
+        !log_text.contains("forbidden") && !log_text.contains("Forbidden"),
+        "the plugin hit a permission error:\n{log_text}"
+    );
+    Ok(())
+}
