@@ -81,7 +81,8 @@ wrapper-test:
 .PHONY: integration
 integration: tools
 	cargo test -p kinfer-tests --locked --no-run
-	hack/with-cluster --kinfer cargo test -p kinfer-tests --locked --offline -- --test-threads=$(INTEGRATION_THREADS)
+	KINFER_COMPONENTS=webhook hack/with-cluster --kinfer \
+	  cargo test -p kinfer-tests --locked --offline -- --test-threads=$(INTEGRATION_THREADS)
 
 # The install manifests, applied to a cluster of their own, each component under its own
 # ServiceAccount.
@@ -96,4 +97,5 @@ test: lint unit wrapper-test integration install-test
 
 .PHONY: demo
 demo: tools
-	hack/with-cluster hack/demo.sh
+	hack/demo-setup.sh
+	hack/with-cluster --kinfer .venv/bin/python hack/demo.py
