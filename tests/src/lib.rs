@@ -254,19 +254,33 @@ pub mod pool {
             Self::start_with_env(ns, &[]).await
         }
 
+        /// A controller for every namespace (benchmarks that span many namespaces), with
+        /// its Lease in `lease_ns`.
+        pub async fn start_cluster_wide(lease_ns: &str) -> anyhow::Result<Self> {
+            Self::spawn(lease_ns, None, &[]).await
+        }
+
         /// Like [`Self::start`], with extra environment (e.g. `KINFER_POOL_CRASH_AFTER`).
         pub async fn start_with_env(ns: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+            Self::spawn(ns, Some(ns), env).await
+        }
+
+        async fn spawn(
+            lease_ns: &str,
+            watch_ns: Option<&str>,
+            env: &[(&str, &str)],
+        ) -> anyhow::Result<Self> {
+            let ns = lease_ns;
             let port = {
                 let l = std::net::TcpListener::bind("127.0.0.1:0")?;
                 l.local_addr()?.port()
             };
             let admin = format!("127.0.0.1:{port}");
             let child = Command::new(binary().await?)
+                .args(watch_ns.map(|w| ["--namespace", w]).into_iter().flatten())
                 .args([
                     "--admin-addr",
                     &admin,
-                    "--namespace",
-                    ns,
                     "--lease-namespace",
                     ns,
                     "--lease-duration-seconds",
