@@ -270,7 +270,8 @@ spec: {configurationRef: {name: rbac-check}, minReady: 0}
     kubectl(&["apply", "-f", path.to_str().unwrap()])?;
     let dir = tempdir()?;
     let kubeconfig =
-        service_account_kubeconfig(&client, "kinfer-system", "kinfer-autoscaler-plugin", &dir).await?;
+        service_account_kubeconfig(&client, "kinfer-system", "kinfer-autoscaler-plugin", &dir)
+            .await?;
     let log = dir.join("plugin.log");
     let _plugin = start(
         "kinfer-autoscaler-plugin",
