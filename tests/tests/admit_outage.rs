@@ -151,7 +151,7 @@ async fn an_outage_blocks_only_kinfer_pods_and_services() -> anyhow::Result<()> 
         let err = services
             .create(
                 &PostParams::default(),
-                &ksvc("gpu", json!({ "kinfer.dev/accelerator": "gpu" })),
+                &ksvc("wrapped", json!({ "kinfer.dev/handler": "model:predict" })),
             )
             .await
             .expect_err("a kinfer Service must not be admitted without the webhook");
@@ -214,7 +214,7 @@ async fn an_outage_blocks_only_kinfer_pods_and_services() -> anyhow::Result<()> 
         message.contains(&format!("failed calling webhook \"{SERVICE_WEBHOOK}\"")),
         "{message}"
     );
-    assert!(services.get_opt("gpu").await?.is_none());
+    assert!(services.get_opt("wrapped").await?.is_none());
     let message = kinfer_pod_create?;
     assert!(
         message.contains(&format!("failed calling webhook \"{POD_WEBHOOK}\"")),
@@ -243,7 +243,7 @@ async fn an_outage_blocks_only_kinfer_pods_and_services() -> anyhow::Result<()> 
     services
         .create(
             &PostParams::default(),
-            &ksvc("gpu", json!({ "kinfer.dev/accelerator": "gpu" })),
+            &ksvc("wrapped", json!({ "kinfer.dev/handler": "model:predict" })),
         )
         .await
         .context("a kinfer Service once the webhook is back")?;
@@ -255,8 +255,9 @@ async fn an_outage_blocks_only_kinfer_pods_and_services() -> anyhow::Result<()> 
 }
 
 const ROTATION: &str = "kinfer-webhook-rotation";
-const ROTATION_LISTEN: &str = "10.255.255.1:9444";
-const ROTATION_ADMIN: &str = "127.0.0.1:9402";
+// Ports none of with-cluster's components use.
+const ROTATION_LISTEN: &str = "10.255.255.1:9453";
+const ROTATION_ADMIN: &str = "127.0.0.1:9413";
 
 /// A second kinfer-webhook with 20 s certificates checked every 2 s, behind its own Service
 /// and with its own webhook configurations. On drop its configurations are deleted first
@@ -331,6 +332,31 @@ impl Drop for SecondWebhook {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = Command::new("kubectl")
+            .args([
+                "delete",
+                "--ignore-not-found",
+                "--wait=false",
+                "-n",
+                "kinfer-system",
+                "service,endpoints",
+                ROTATION,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("kubectl")
+            .args([
+                "delete",
+                "--ignore-not-found",
+                "--wait=false",
+                "-n",
+                "kinfer-system",
+                "secret",
+                &format!("{ROTATION}-tls"),
+            ])
+            .stdout(Stdio::null())
+            .status();
     }
 }
 
@@ -399,7 +425,7 @@ async fn certificate_rotation_keeps_admissions_working() -> anyhow::Result<()> {
     let service: Service = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": { "name": ROTATION, "namespace": system },
-        "spec": { "ports": [{ "name": "https", "port": 443, "targetPort": 9444 }] }
+        "spec": { "ports": [{ "name": "https", "port": 443, "targetPort": 9453 }] }
     }))?;
     Api::<Service>::namespaced(client.clone(), system)
         .patch(ROTATION, &params, &Patch::Apply(&service))
@@ -407,7 +433,7 @@ async fn certificate_rotation_keeps_admissions_working() -> anyhow::Result<()> {
     let endpoints: Endpoints = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Endpoints",
         "metadata": { "name": ROTATION, "namespace": system },
-        "subsets": [{ "addresses": [{ "ip": "10.255.255.1" }], "ports": [{ "name": "https", "port": 9444 }] }]
+        "subsets": [{ "addresses": [{ "ip": "10.255.255.1" }], "ports": [{ "name": "https", "port": 9453 }] }]
     }))?;
     Api::<Endpoints>::namespaced(client.clone(), system)
         .patch(ROTATION, &params, &Patch::Apply(&endpoints))

@@ -133,6 +133,14 @@ async fn a_gpu_service_is_placed_on_the_80g_node() -> anyhow::Result<()> {
         .find(|c| c.name == "queue-proxy")
         .unwrap();
     assert_eq!(limit(qp, "nvidia.com/gpu"), None);
+    // Give the GPU back for the tests that count them.
+    delete_namespace(&client, &ns).await
+}
+
+async fn delete_namespace(client: &kube::Client, ns: &str) -> anyhow::Result<()> {
+    kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .delete(ns, &Default::default())
+        .await?;
     Ok(())
 }
 
@@ -335,5 +343,5 @@ async fn time_sliced_sharing_requests_the_shared_resource() -> anyhow::Result<()
         pod.spec.as_ref().unwrap().runtime_class_name.as_deref(),
         Some("nvidia")
     );
-    Ok(())
+    delete_namespace(&client, &ns).await
 }

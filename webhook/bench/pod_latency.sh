@@ -4,12 +4,45 @@
 #
 #   webhook/bench/pod_latency.sh [N]      N Pods per variant, default 200
 #
-# Starts the local control plane with kinfer (hack/with-cluster --kinfer) and runs the
-# benches/pod_latency.rs bench against it. Run from anywhere.
+# Builds benches/pod_latency.rs and a release kinfer-webhook, starts the local control plane
+# with kinfer (hack/with-cluster --kinfer), replaces the debug webhook it started with the
+# release one (same address, Service and configurations), runs the bench, and prints the
+# webhook's own admission time. KINFER_BENCH_DEBUG_WEBHOOK=1 keeps the debug build.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+
+if [[ ${1:-} == --inside ]]; then
+  exe=$2 n=$3
+  metrics() { curl -s 127.0.0.1:9401/metrics | grep -E '^kinfer_webhook_admission(s_total|_duration_seconds_(sum|count))'; }
+  if [[ ${KINFER_BENCH_DEBUG_WEBHOOK:-} != 1 ]]; then
+    kill "$KINFER_WEBHOOK_PID"
+    while kill -0 "$KINFER_WEBHOOK_PID" 2>/dev/null; do sleep 0.1; done
+    "$root/target/release/kinfer-webhook" --namespace kinfer-system --listen 10.255.255.1:9443 \
+      --admin-addr 127.0.0.1:9401 >"$KINFER_CLUSTER_DIR/logs/kinfer-webhook-release.log" 2>&1 &
+    trap 'kill $!' EXIT
+    for _ in $(seq 150); do curl -sf 127.0.0.1:9401/readyz >/dev/null && break; sleep 0.2; done
+    echo "webhook: release build"
+  else
+    echo "webhook: debug build"
+  fi
+  "$exe" "$n"
+  echo "the webhook's own view (all admissions, warm-up included):"
+  metrics | sed 's/^/  /'
+  exit 0
+fi
+
 n=${1:-200}
-# Build first, outside the cluster's lifetime.
-cargo bench --manifest-path "$root/Cargo.toml" -p kinfer-webhook --bench pod_latency --no-run --quiet
-exec "$root/hack/with-cluster" --kinfer \
-  cargo bench --manifest-path "$root/Cargo.toml" -p kinfer-webhook --bench pod_latency --quiet -- "$n"
+# Build first, outside the cluster's lifetime (and run the binary itself, so a cargo lock
+# held by another build cannot stall the measurement).
+if [[ ${KINFER_BENCH_DEBUG_WEBHOOK:-} != 1 ]]; then
+  cargo build --manifest-path "$root/Cargo.toml" --release --quiet -p kinfer-webhook
+fi
+exe=$(cargo bench --manifest-path "$root/Cargo.toml" -p kinfer-webhook --bench pod_latency \
+  --no-run --message-format=json-render-diagnostics |
+  sed -n 's/.*"executable":"\([^"]*pod_latency[^"]*\)".*/\1/p' | tail -n 1)
+if [[ -z $exe ]]; then
+  echo "pod_latency.sh: could not find the bench executable" >&2
+  exit 1
+fi
+KINFER_COMPONENTS=${KINFER_COMPONENTS:-webhook} \
+  exec "$root/hack/with-cluster" --kinfer "${BASH_SOURCE[0]}" --inside "$exe" "$n"
