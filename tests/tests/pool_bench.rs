@@ -4,8 +4,10 @@
 //!
 //! Time from the KPA's scale-up decision (the Deployment asks for more replicas) to the first
 //! new Ready pod, 0→1 and 1→4, with a warm pool and without, model load time 20 s. Each trial
-//! is its own Knative Service in its own namespace, all trials at once; times are taken from
-//! watch events as they arrive here. `KINFER_POOL_BENCH_TRIALS` sets the trials per case
+//! is its own Knative Service in its own namespace; trials are set up at once, the warm
+//! trials' scale-ups then run one at a time (so they time the handoff, not a control plane
+//! busy with forty scale-ups) while the cold ones run together; times are taken from watch
+//! events as they arrive here. `KINFER_POOL_BENCH_TRIALS` sets the trials per case
 //! (default 10). Prints p50/p95 per case and the cold/warm ratio.
 
 use std::collections::BTreeSet;
@@ -18,7 +20,7 @@ use kinfer_core::kpa::{StatSender, WireStatMessage, WireStatMessages};
 use kinfer_core::warmpool::WarmPool;
 use kinfer_tests::knative::{self, ready};
 use kinfer_tests::pool::PoolController;
-use kinfer_tests::{client, namespace, pod_ready, pods, poll, wait_for};
+use kinfer_tests::{client, namespace, pod_ready, pods, wait_for};
 use kube::api::{Api, DynamicObject, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
@@ -60,7 +62,22 @@ enum Case {
     OneToFour,
 }
 
+/// Polls every second (forty trials polling faster would load the control plane).
+async fn settle<F, Fut>(timeout: Duration, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<bool>>,
+{
+    let start = Instant::now();
+    while !check().await? {
+        anyhow::ensure!(start.elapsed() < timeout, "not settled within {timeout:?}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Ok(())
+}
+
 async fn trial(
+    serial: std::sync::Arc<tokio::sync::Mutex<()>>,
     client: kube::Client,
     url: String,
     case: Case,
@@ -120,7 +137,7 @@ async fn trial(
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     let deployment = format!("{revision}-deployment");
     // Settle at the starting size with every pod Ready.
-    poll(Duration::from_secs(300), || async {
+    settle(Duration::from_secs(300), || async {
         let d = deployments.get(&deployment).await?;
         let p = pods(&client, &ns, &selector).await?;
         Ok(d.spec.replicas == Some(from) && p.len() == from as usize && p.iter().all(pod_ready))
@@ -132,6 +149,11 @@ async fn trial(
         .filter_map(|p| p.metadata.uid.clone())
         .collect();
 
+    let _turn = if warm {
+        Some(serial.lock().await)
+    } else {
+        None
+    };
     // Watch first, then ask for the scale-up.
     let mut deploy_events = watcher(
         deployments.clone(),
@@ -187,12 +209,15 @@ async fn bench_time_to_ready_with_and_without_the_pool() -> anyhow::Result<()> {
     let lease_ns = namespace(&client, "bench-pool-controller").await?;
     let _controller = PoolController::start_cluster_wide(&lease_ns).await?;
     let url = autoscaler_url(&client).await?;
+    let serial = std::sync::Arc::new(tokio::sync::Mutex::new(()));
     let mut runs = Vec::new();
     for case in [Case::FromZero, Case::OneToFour] {
         for warm in [true, false] {
             for i in 0..trials {
-                let (client, url) = (client.clone(), url.clone());
-                runs.push(async move { (case, warm, trial(client, url, case, warm, i).await) });
+                let (client, url, serial) = (client.clone(), url.clone(), serial.clone());
+                runs.push(
+                    async move { (case, warm, trial(serial, client, url, case, warm, i).await) },
+                );
             }
         }
     }
