@@ -393,10 +393,11 @@ async fn scale_one_to_four_with_a_pool_of_two_takes_two_warm_pods() -> anyhow::R
         .status
         .unwrap();
     assert_eq!(status.handoffs, Some(2));
-    assert_eq!(
-        status.misses,
-        Some(1),
-        "one of the three new pods started cold"
+    // The KPA may reach 4 in steps; a pass cut off before its status write recounts its
+    // scale-up, so misses are at least the one cold pod (see the README).
+    assert!(
+        status.misses.is_some_and(|m| m >= 1),
+        "one of the three new pods started cold: {status:?}"
     );
     assert_no_half_handoffs(&pods(&client, &ns, "kinfer.dev/warmpool").await?);
     four.cancel();
