@@ -186,7 +186,7 @@ mod tests {
             messages: vec![WireStatMessage::concurrency("ns", "rev-1", "p", 2.5)],
         };
         // Field 1 (messages), length-delimited; inside: 1:"ns", 2:"rev-1", 3:{1:"p", 2:2.5}.
-        let mut expected = vec![0x0a, 23, 0x0a, 2, b'n', b's', 0x12, 5];
+        let mut expected = vec![0x0a, 25, 0x0a, 2, b'n', b's', 0x12, 5];
         expected.extend_from_slice(b"rev-1");
         expected.extend_from_slice(&[0x1a, 12, 0x0a, 1, b'p', 0x11]);
         expected.extend_from_slice(&2.5f64.to_le_bytes());
