@@ -25,6 +25,9 @@ SERVICE = "iris"
 LOAD_TIME = "20s"
 AUTOSCALER_URL = "ws://10.255.255.1:8080"
 CONCURRENCY = 8
+# Knative's autoscaler holds *:8080 in the cluster's network namespace, so the wrappers that
+# stand in for the pods' containers serve on 18080 (the plugin scrapes that port here).
+WRAPPER_PORT = 18080
 START = time.monotonic()
 
 
@@ -62,7 +65,11 @@ def ready(pod):
 
 
 def revision_pods(revision):
-    return kjson("get", "pods", "-n", NS, "-l", f"serving.knative.dev/revision={revision}")["items"]
+    """The revision's own pods: its ReplicaSet's, handed-off warm pods included. Warm pods
+    still in the pool carry the revision label (they are built from its template) but are
+    not the revision's until handed off."""
+    return kjson("get", "pods", "-n", NS, "-l",
+                 f"serving.knative.dev/revision={revision},kinfer.dev/pool-state!=warm")["items"]
 
 
 def warm_pods():
@@ -158,14 +165,14 @@ class Backends(threading.Thread):
         proc = subprocess.Popen(
             [os.path.join(ROOT, "target", "debug", "kinfer-wrapper"),
              "--handler", "iris_model:predict", "--model-name", "iris",
-             "--address", ip, "--port", "8080",
+             "--address", ip, "--port", str(WRAPPER_PORT),
              "--python", os.path.join(ROOT, ".venv", "bin", "python")],
             stdout=log, stderr=subprocess.STDOUT, env=env)
         # Serve only once the model has loaded (the wrapper's readiness).
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(f"http://{ip}:8080/v2/health/ready", timeout=1):
+                with urllib.request.urlopen(f"http://{ip}:{WRAPPER_PORT}/v2/health/ready", timeout=1):
                     break
             except (urllib.error.URLError, OSError):
                 time.sleep(0.1)
@@ -201,7 +208,7 @@ class Load(threading.Thread):
                 time.sleep(0.1)
                 continue
             ip = random.choice(addresses)
-            request = urllib.request.Request(f"http://{ip}:8080/v2/models/iris/infer", data=body,
+            request = urllib.request.Request(f"http://{ip}:{WRAPPER_PORT}/v2/models/iris/infer", data=body,
                                              headers={"content-type": "application/json"})
             try:
                 with urllib.request.urlopen(request, timeout=10) as response:

@@ -20,6 +20,10 @@ use crate::policy::RevisionPolicy;
 use crate::signals::PodKey;
 
 pub const REVISION_LABEL: &str = "serving.knative.dev/revision";
+/// Only pods with this label are the revision's (its ReplicaSet selects on it). kinfer's warm
+/// pods carry the revision label but not this one until they are handed off, so, as in
+/// Knative's own pod view, they are not counted.
+pub const REVISION_UID_LABEL: &str = "serving.knative.dev/revisionUID";
 pub const CONFIGURATION_LABEL: &str = "serving.knative.dev/configuration";
 
 /// A pod of a revision, with its IP when it has one.
@@ -52,7 +56,8 @@ pub fn driven_revisions(
         };
         let status = pod.status.as_ref();
         let running = status.and_then(|s| s.phase.as_deref()) == Some("Running");
-        if !running || pod.metadata.deletion_timestamp.is_some() {
+        let owned = pod.labels().contains_key(REVISION_UID_LABEL);
+        if !running || !owned || pod.metadata.deletion_timestamp.is_some() {
             continue;
         }
         by_revision
@@ -173,7 +178,7 @@ impl Discovery {
         let pod_stream = watcher(
             pod_api,
             watcher::Config::default()
-                .labels(REVISION_LABEL)
+                .labels(&format!("{REVISION_LABEL},{REVISION_UID_LABEL}"))
                 .any_semantic(),
         )
         .modify(|p: &mut Pod| {
@@ -284,11 +289,36 @@ mod tests {
     fn pod(ns: &str, name: &str, rev: &str, phase: &str) -> Arc<Pod> {
         Arc::new(
             serde_json::from_value(json!({
-                "metadata": { "namespace": ns, "name": name, "labels": { REVISION_LABEL: rev } },
+                "metadata": { "namespace": ns, "name": name,
+                    "labels": { REVISION_LABEL: rev, REVISION_UID_LABEL: format!("{rev}-uid") } },
                 "status": { "phase": phase, "podIP": "10.0.0.1" }
             }))
             .unwrap(),
         )
+    }
+
+    #[test]
+    fn warm_pool_pods_are_not_the_revisions_until_handed_off() {
+        let defaults = KnativeDefaults::default();
+        let revisions = vec![revision(
+            "ns",
+            "a-1",
+            json!({ "kinfer.dev/autoscaling": "requests" }),
+        )];
+        let mut warm = (*pod("ns", "warm", "a-1", "Running")).clone();
+        warm.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .remove(REVISION_UID_LABEL);
+        let pods = vec![pod("ns", "served", "a-1", "Running"), Arc::new(warm)];
+        let (driven, _) = driven_revisions(&revisions, &pods, &defaults);
+        let names: Vec<_> = driven[0]
+            .pods
+            .iter()
+            .map(|(key, _)| key.pod.as_str())
+            .collect();
+        assert_eq!(names, ["served"]);
     }
 
     #[test]

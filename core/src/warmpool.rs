@@ -9,6 +9,16 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// On pods the pool controller made: the `pod-template-hash` of the ReplicaSet a warm pod
+/// was built from.
+pub const TEMPLATE_HASH_ANNOTATION: &str = "kinfer.dev/pod-template-hash";
+/// On pods the pool controller handed off: when (RFC 3339 with fractional seconds).
+pub const HANDOFF_TIME_ANNOTATION: &str = "kinfer.dev/handoff-time";
+/// The pool controller's bookkeeping annotations on pods. They share the `kinfer.dev/` prefix
+/// with the user's annotations but configure nothing, so the webhook lets them through.
+pub const POD_BOOKKEEPING_ANNOTATIONS: &[&str] =
+    &[TEMPLATE_HASH_ANNOTATION, HANDOFF_TIME_ANNOTATION];
+
 /// The field manager of the pool controller's status writes.
 pub const POOL_CONTROLLER_MANAGER: &str = "kinfer-pool-controller";
 /// The field manager of the autoscaler plugin's `status.demandForecast` writes.

@@ -6,10 +6,7 @@ pub const POOL_LABEL: &str = "kinfer.dev/warmpool";
 pub const STATE_LABEL: &str = "kinfer.dev/pool-state";
 pub const STATE_WARM: &str = "warm";
 pub const STATE_HANDED_OFF: &str = "handed-off";
-/// The `pod-template-hash` of the ReplicaSet a warm pod was built from.
-pub const TEMPLATE_HASH_ANNOTATION: &str = "kinfer.dev/pod-template-hash";
-/// When the pod was handed off (RFC 3339 with fractional seconds).
-pub const HANDOFF_TIME_ANNOTATION: &str = "kinfer.dev/handoff-time";
+pub use kinfer_core::warmpool::{HANDOFF_TIME_ANNOTATION, TEMPLATE_HASH_ANNOTATION};
 /// The readiness gate every pool pod carries from creation: the pod turns Ready only when
 /// the controller has seen that it serves the revision it was handed to.
 pub const SERVED_GATE: &str = "kinfer.dev/served";

@@ -7,6 +7,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use kinfer_core::warmpool::POD_BOOKKEEPING_ANNOTATIONS;
+
 /// Prefix of every kinfer annotation.
 pub const PREFIX: &str = "kinfer.dev/";
 
@@ -183,7 +185,7 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Parsed, Annotatio
     let mut accelerator_invalid = false;
 
     for (key, value) in annotations {
-        if !key.starts_with(PREFIX) {
+        if !key.starts_with(PREFIX) || POD_BOOKKEEPING_ANNOTATIONS.contains(&key.as_str()) {
             continue;
         }
         match key.as_str() {
@@ -520,6 +522,20 @@ mod tests {
 
     fn messages(pairs: &[(&str, &str)]) -> String {
         parse(&map(pairs)).expect_err("expected errors").to_string()
+    }
+
+    #[test]
+    fn the_pool_controllers_bookkeeping_on_warm_pods_is_not_an_error() {
+        let annotations: BTreeMap<String, String> = [
+            (ACCELERATOR, "gpu"),
+            ("kinfer.dev/pod-template-hash", "5885764c58"),
+            ("kinfer.dev/handoff-time", "2026-11-27T20:54:37.405961Z"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let parsed = parse(&annotations).expect("warm pods must pass the webhook");
+        assert_eq!(parsed.spec.accelerator, Accelerator::Gpu);
     }
 
     #[test]
