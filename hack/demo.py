@@ -57,11 +57,21 @@ def kjson(*args):
     return json.loads(kubectl(*args, "-o", "json").stdout)
 
 
-def ready(pod):
+def condition(pod, kind):
     return any(
-        c["type"] == "Ready" and c["status"] == "True"
+        c["type"] == kind and c["status"] == "True"
         for c in pod.get("status", {}).get("conditions", [])
     )
+
+
+def ready(pod):
+    return condition(pod, "Ready")
+
+
+def loaded(pod):
+    """A warm pod has loaded its model (its containers are ready); it is not Ready, and takes
+    no traffic, until it is handed off: its readiness gate opens then."""
+    return condition(pod, "ContainersReady")
 
 
 def revision_pods(revision):
@@ -114,7 +124,7 @@ class Timeline(threading.Thread):
                     now(),
                     replicas(self.revision),
                     sum(1 for p in pods if ready(p) and not p["metadata"].get("deletionTimestamp")),
-                    sum(1 for p in warm if ready(p)),
+                    sum(1 for p in warm if loaded(p)),
                 ))
             except (RuntimeError, json.JSONDecodeError):
                 pass
@@ -330,7 +340,7 @@ def plot(timeline, path):
     fig, ax = plt.subplots(figsize=(11, 4.5))
     ax.step(t, [s[1] for s in timeline.samples], where="post", label="desired replicas (KPA)")
     ax.step(t, [s[2] for s in timeline.samples], where="post", label="ready revision pods")
-    ax.step(t, [s[3] for s in timeline.samples], where="post", label="ready warm pods",
+    ax.step(t, [s[3] for s in timeline.samples], where="post", label="loaded warm pods",
             linestyle="--")
     for at, label in timeline.marks:
         ax.axvline(at, color="grey", linewidth=0.6)
@@ -406,8 +416,8 @@ def main():
         pods = revision_pods(revision)
         peak = max(peak, replicas(revision))
         say(f"  [{now():6.1f}s] desired replicas {replicas(revision)}, ready pods "
-            f"{sum(1 for p in pods if ready(p))}, warm pods ready "
-            f"{sum(1 for p in warm_pods() if ready(p))}, requests answered {load.ok} "
+            f"{sum(1 for p in pods if ready(p))}, warm pods loaded "
+            f"{sum(1 for p in warm_pods() if loaded(p))}, requests answered {load.ok} "
             f"(errors {load.errors})")
     load.stopped.set()
     wake.wait()
@@ -416,7 +426,7 @@ def main():
     wait_for_zero(revision, timeline)
 
     step("4. scale from zero: first with the warm pool, then without it")
-    wait("a ready warm pod", lambda: any(ready(p) for p in warm_pods()), timeout=120)
+    wait("a loaded warm pod", lambda: any(loaded(p) for p in warm_pods()), timeout=120)
     warm = scale_from_zero(revision, timeline, "with the pool")
     wait_for_zero(revision, timeline)
     kubectl("delete", "wp", SERVICE, "-n", NS)
@@ -439,7 +449,7 @@ def main():
     backends.join(timeout=60)
     with open(os.path.join(OUT, "timeline.csv"), "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["seconds", "desired_replicas", "ready_revision_pods", "ready_warm_pods"])
+        writer.writerow(["seconds", "desired_replicas", "ready_revision_pods", "loaded_warm_pods"])
         writer.writerows(timeline.samples)
     png = os.path.join(OUT, "kinfer-demo.png")
     plot(timeline, png)
