@@ -76,7 +76,13 @@ fn rbac_has_no_wildcards() -> anyhow::Result<()> {
 #[ignore = "needs a cluster of its own: make install-test"]
 async fn install_creates_every_object() -> anyhow::Result<()> {
     let manifests = repo_root().join("manifests");
-    kubectl(&["apply", "--server-side", "-k", manifests.to_str().unwrap()])?;
+    kubectl(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-k",
+        manifests.to_str().unwrap(),
+    ])?;
     for obj in rendered_objects()? {
         let kind = obj["kind"].as_str().unwrap();
         let name = obj["metadata"]["name"].as_str().unwrap();
@@ -192,7 +198,13 @@ async fn http_get_status(addr: &str, path: &str) -> anyhow::Result<u16> {
 async fn webhook_runs_under_its_own_service_account() -> anyhow::Result<()> {
     let client = client().await?;
     let manifests = repo_root().join("manifests");
-    kubectl(&["apply", "--server-side", "-k", manifests.to_str().unwrap()])?;
+    kubectl(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-k",
+        manifests.to_str().unwrap(),
+    ])?;
     let dir = tempdir()?;
     let kubeconfig =
         service_account_kubeconfig(&client, "kinfer-system", "kinfer-webhook", &dir).await?;
@@ -247,7 +259,13 @@ fn tempdir() -> anyhow::Result<PathBuf> {
 async fn autoscaler_plugin_runs_under_its_own_service_account() -> anyhow::Result<()> {
     let client = client().await?;
     let manifests = repo_root().join("manifests");
-    kubectl(&["apply", "--server-side", "-k", manifests.to_str().unwrap()])?;
+    kubectl(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-k",
+        manifests.to_str().unwrap(),
+    ])?;
     // Something for it to read: an opted-in Service and a WarmPool to publish a forecast on.
     let objects = r#"
 apiVersion: serving.knative.dev/v1
@@ -291,6 +309,79 @@ spec: {configurationRef: {name: rbac-check}, minReady: 0}
     assert!(
         !log_text.contains("forbidden") && !log_text.contains("Forbidden"),
         "the plugin hit a permission error:\n{log_text}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster of its own: make install-test"]
+async fn pool_controller_runs_under_its_own_service_account() -> anyhow::Result<()> {
+    let client = client().await?;
+    let manifests = repo_root().join("manifests");
+    kubectl(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-k",
+        manifests.to_str().unwrap(),
+    ])?;
+    let objects = r#"
+apiVersion: serving.knative.dev/v1
+kind: Service
+metadata: {name: pool-rbac, namespace: default}
+spec:
+  template:
+    spec:
+      containers: [{image: dev.local/model}]
+---
+apiVersion: kinfer.dev/v1alpha1
+kind: WarmPool
+metadata: {name: pool-rbac, namespace: default}
+spec: {configurationRef: {name: pool-rbac}, minReady: 1}
+"#;
+    let dir = tempdir()?;
+    let path = dir.join("pool-objects.yaml");
+    std::fs::write(&path, objects)?;
+    kubectl(&["apply", "-f", path.to_str().unwrap()])?;
+    let kubeconfig =
+        service_account_kubeconfig(&client, "kinfer-system", "kinfer-pool-controller", &dir)
+            .await?;
+    let log = dir.join("pool-controller.log");
+    // Its main path with its own credentials: leader election, the pool watch, a warm pod
+    // built from the revision's ReplicaSet, the pool's status.
+    let _controller = start(
+        "kinfer-pool-controller",
+        &kubeconfig,
+        &log,
+        &[
+            "--lease-namespace=kinfer-system",
+            "--admin-addr=127.0.0.1:19403",
+        ],
+    )?;
+    wait_ready("127.0.0.1:19403", &log).await?;
+    poll(Duration::from_secs(90), || async {
+        let ready = kubectl(&[
+            "get",
+            "wp",
+            "pool-rbac",
+            "-n",
+            "default",
+            "-o",
+            "jsonpath={.status.readyReplicas}",
+        ])?;
+        Ok(ready.trim() == "1")
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "no warm pod; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    })?;
+    let log_text = std::fs::read_to_string(&log)?;
+    assert!(
+        !log_text.contains("forbidden") && !log_text.contains("Forbidden"),
+        "the pool controller hit a permission error:\n{log_text}"
     );
     Ok(())
 }
