@@ -130,8 +130,12 @@ pub fn unschedulable_message(pod: &Pod) -> Option<String> {
 
 /// Knative Serving objects, read through the dynamic API (Knative ships no Rust types).
 pub mod knative {
+    use std::time::Duration;
+
+    use anyhow::Context;
+    use k8s_openapi::api::core::v1::Endpoints;
     use kube::Client;
-    use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+    use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
 
     pub fn api(
         client: &Client,
@@ -180,6 +184,62 @@ pub mod knative {
 
     pub fn ready(obj: &DynamicObject) -> bool {
         condition(obj, "Ready").as_deref() == Some("True")
+    }
+
+    /// A Knative Service with these revision-template annotations and one container.
+    pub fn service(name: &str, annotations: serde_json::Value) -> DynamicObject {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "serving.knative.dev/v1",
+            "kind": "Service",
+            "metadata": { "name": name },
+            "spec": { "template": {
+                "metadata": { "annotations": annotations },
+                "spec": { "containers": [{ "image": "dev.local/model" }] }
+            }}
+        }))
+        .expect("a valid Service")
+    }
+
+    /// Creates the Service and waits until it is Ready; returns it.
+    pub async fn create_ready(
+        client: &Client,
+        ns: &str,
+        svc: DynamicObject,
+    ) -> anyhow::Result<DynamicObject> {
+        let services = services(client, ns);
+        let name = svc.metadata.name.clone().expect("a named Service");
+        services.create(&PostParams::default(), &svc).await?;
+        crate::wait_for(&services, &name, Duration::from_secs(120), ready).await
+    }
+
+    /// The KPA stat server's `ip:port`, found the way an in-cluster client would: from the
+    /// `autoscaler` Service's endpoints in knative-serving.
+    pub async fn autoscaler_addr(client: &Client) -> anyhow::Result<String> {
+        let endpoints: Api<Endpoints> = Api::namespaced(client.clone(), "knative-serving");
+        let ep = endpoints.get("autoscaler").await?;
+        let subset = ep
+            .subsets
+            .as_ref()
+            .and_then(|s| s.first())
+            .context("no subsets")?;
+        let ip = &subset
+            .addresses
+            .as_ref()
+            .and_then(|a| a.first())
+            .context("no address")?
+            .ip;
+        let port = subset
+            .ports
+            .as_ref()
+            .and_then(|p| p.first())
+            .context("no port")?
+            .port;
+        Ok(format!("{ip}:{port}"))
+    }
+
+    /// The KPA stat websocket's URL.
+    pub async fn autoscaler_url(client: &Client) -> anyhow::Result<String> {
+        Ok(format!("ws://{}", autoscaler_addr(client).await?))
     }
 
     /// A string field of the object's status, e.g. `latestReadyRevisionName`.

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, Secret, Service};
 use kinfer_tests::knative::{self, ready};
 use kinfer_tests::{client, namespace, pod_ready, pods, poll, wait_for};
 use kube::Api;
-use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Mutex;
@@ -54,19 +54,6 @@ fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
         bail!("kill -{sig} {pid}: {status}");
     }
     Ok(())
-}
-
-fn ksvc(name: &str, annotations: serde_json::Value) -> DynamicObject {
-    serde_json::from_value(json!({
-        "apiVersion": "serving.knative.dev/v1",
-        "kind": "Service",
-        "metadata": { "name": name },
-        "spec": { "template": {
-            "metadata": { "annotations": annotations },
-            "spec": { "containers": [{ "image": "dev.local/model" }] }
-        }}
-    }))
-    .unwrap()
 }
 
 /// A Pod template in the Pod webhook's scope: a Knative revision label and a kinfer
@@ -140,7 +127,10 @@ async fn an_outage_blocks_only_kinfer_pods_and_services() -> anyhow::Result<()> 
     };
     let plain_ksvc = async {
         services
-            .create(&PostParams::default(), &ksvc("plain-ksvc", json!({})))
+            .create(
+                &PostParams::default(),
+                &knative::service("plain-ksvc", json!({})),
+            )
             .await?;
         wait_for(&services, "plain-ksvc", Duration::from_secs(90), ready).await?;
         anyhow::Ok(())
@@ -151,7 +141,7 @@ async fn an_outage_blocks_only_kinfer_pods_and_services() -> anyhow::Result<()> 
         let err = services
             .create(
                 &PostParams::default(),
-                &ksvc("wrapped", json!({ "kinfer.dev/handler": "model:predict" })),
+                &knative::service("wrapped", json!({ "kinfer.dev/handler": "model:predict" })),
             )
             .await
             .expect_err("a kinfer Service must not be admitted without the webhook");
@@ -243,7 +233,7 @@ async fn an_outage_blocks_only_kinfer_pods_and_services() -> anyhow::Result<()> 
     services
         .create(
             &PostParams::default(),
-            &ksvc("wrapped", json!({ "kinfer.dev/handler": "model:predict" })),
+            &knative::service("wrapped", json!({ "kinfer.dev/handler": "model:predict" })),
         )
         .await
         .context("a kinfer Service once the webhook is back")?;

@@ -10,19 +10,6 @@ use kinfer_tests::{client, namespace, pods, poll, unschedulable_message, wait_fo
 use kube::api::{DynamicObject, PostParams};
 use serde_json::json;
 
-fn service(name: &str, annotations: serde_json::Value) -> DynamicObject {
-    serde_json::from_value(json!({
-        "apiVersion": "serving.knative.dev/v1",
-        "kind": "Service",
-        "metadata": { "name": name },
-        "spec": { "template": {
-            "metadata": { "annotations": annotations },
-            "spec": { "containers": [{ "image": "dev.local/model" }] }
-        }}
-    }))
-    .unwrap()
-}
-
 async fn create_ready(client: &kube::Client, ns: &str, svc: DynamicObject) -> anyhow::Result<()> {
     let services = knative::services(client, ns);
     let name = svc.metadata.name.clone().unwrap();
@@ -92,7 +79,7 @@ async fn a_gpu_service_is_placed_on_the_80g_node() -> anyhow::Result<()> {
     create_ready(
         &client,
         &ns,
-        service(
+        knative::service(
             "llm",
             json!({ "kinfer.dev/accelerator": "gpu", "kinfer.dev/model-memory": "40Gi" }),
         ),
@@ -153,10 +140,10 @@ async fn a_cpu_service_is_untouched() -> anyhow::Result<()> {
     create_ready(
         &client,
         &ns,
-        service("cpu", json!({ "kinfer.dev/accelerator": "cpu" })),
+        knative::service("cpu", json!({ "kinfer.dev/accelerator": "cpu" })),
     )
     .await?;
-    create_ready(&client, &ns, service("plain", json!({}))).await?;
+    create_ready(&client, &ns, knative::service("plain", json!({}))).await?;
     let cpu = service_pod(&client, &ns, "cpu").await?;
     let plain = service_pod(&client, &ns, "plain").await?;
     for pod in [&cpu, &plain] {
@@ -232,7 +219,7 @@ async fn bad_annotations_are_rejected_at_create() -> anyhow::Result<()> {
     ];
     for (name, annotations, expected) in cases {
         let err = services
-            .create(&PostParams::default(), &service(name, annotations))
+            .create(&PostParams::default(), &knative::service(name, annotations))
             .await
             .expect_err("kinfer's webhook must reject it");
         let message = err.to_string();
@@ -257,7 +244,7 @@ async fn a_handler_pod_gets_the_wrapper() -> anyhow::Result<()> {
     create_ready(
         &client,
         &ns,
-        service("wrapped", json!({ "kinfer.dev/handler": "model:predict" })),
+        knative::service("wrapped", json!({ "kinfer.dev/handler": "model:predict" })),
     )
     .await?;
     let pod = service_pod(&client, &ns, "wrapped").await?;
@@ -315,7 +302,7 @@ async fn time_sliced_sharing_requests_the_shared_resource() -> anyhow::Result<()
     knative::services(&client, &ns)
         .create(
             &PostParams::default(),
-            &service(
+            &knative::service(
                 "shared",
                 json!({ "kinfer.dev/accelerator": "gpu", "kinfer.dev/gpu-sharing": "time-sliced" }),
             ),

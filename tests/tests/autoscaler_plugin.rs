@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Endpoints;
 use kinfer_tests::knative::{self, ready};
 use kinfer_tests::{client, free_port, namespace, pods, poll, wait_for, workspace_binary};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
@@ -25,19 +24,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 
-fn service(name: &str, annotations: serde_json::Value) -> DynamicObject {
-    serde_json::from_value(json!({
-        "apiVersion": "serving.knative.dev/v1",
-        "kind": "Service",
-        "metadata": { "name": name },
-        "spec": { "template": {
-            "metadata": { "annotations": annotations },
-            "spec": { "containers": [{ "image": "dev.local/model" }] }
-        }}
-    }))
-    .unwrap()
-}
-
 /// Creates a Service, waits until it is Ready, returns its revision.
 async fn ready_revision(client: &Client, ns: &str, svc: DynamicObject) -> anyhow::Result<String> {
     let services = knative::services(client, ns);
@@ -45,15 +31,6 @@ async fn ready_revision(client: &Client, ns: &str, svc: DynamicObject) -> anyhow
     services.create(&PostParams::default(), &svc).await?;
     let svc = wait_for(&services, &name, Duration::from_secs(120), ready).await?;
     Ok(knative::status_str(&svc, "latestReadyRevisionName").unwrap())
-}
-
-async fn autoscaler_addr(client: &Client) -> anyhow::Result<String> {
-    let endpoints: Api<Endpoints> = Api::namespaced(client.clone(), "knative-serving");
-    let ep = endpoints.get("autoscaler").await?;
-    let subset = &ep.subsets.unwrap()[0];
-    let ip = &subset.addresses.as_ref().unwrap()[0].ip;
-    let port = subset.ports.as_ref().unwrap()[0].port;
-    Ok(format!("{ip}:{port}"))
 }
 
 /// Load of one revision, as the sum over its pods; the exporter spreads it evenly over the
@@ -375,7 +352,7 @@ async fn requests_mode_scales_the_revision_and_leaves_others_alone() -> anyhow::
         &bed.dir,
         &bed.ns,
         bed.prometheus_port,
-        &autoscaler_addr(&bed.client).await?,
+        &knative::autoscaler_addr(&bed.client).await?,
     )
     .await?;
     // Not opted in: Knative alone decides; min-scale 1 keeps it at one pod, whatever load the
@@ -383,7 +360,7 @@ async fn requests_mode_scales_the_revision_and_leaves_others_alone() -> anyhow::
     ready_revision(
         &bed.client,
         &bed.ns,
-        service(
+        knative::service(
             "plain",
             json!({
                 "autoscaling.knative.dev/target": "10",
@@ -396,7 +373,7 @@ async fn requests_mode_scales_the_revision_and_leaves_others_alone() -> anyhow::
     ready_revision(
         &bed.client,
         &bed.ns,
-        service(
+        knative::service(
             "model",
             json!({
                 "kinfer.dev/autoscaling": "requests",
@@ -483,7 +460,7 @@ async fn gpu_mode_converges_on_gpu_busy_time_and_publishes_a_forecast() -> anyho
     let revision = ready_revision(
         &bed.client,
         &bed.ns,
-        service(
+        knative::service(
             "llm",
             json!({
                 "kinfer.dev/autoscaling": "gpu",
@@ -522,7 +499,7 @@ async fn gpu_mode_converges_on_gpu_busy_time_and_publishes_a_forecast() -> anyho
         &bed.dir,
         &bed.ns,
         bed.prometheus_port,
-        &autoscaler_addr(&bed.client).await?,
+        &knative::autoscaler_addr(&bed.client).await?,
     )
     .await?;
     let dep = format!("{revision}-deployment");
@@ -652,7 +629,7 @@ async fn scaling_resumes_after_the_autoscaler_connection_drops() -> anyhow::Resu
     let revision = ready_revision(
         &bed.client,
         &bed.ns,
-        service(
+        knative::service(
             "model",
             json!({
                 "kinfer.dev/autoscaling": "requests",
@@ -663,7 +640,7 @@ async fn scaling_resumes_after_the_autoscaler_connection_drops() -> anyhow::Resu
         ),
     )
     .await?;
-    let flaky = Flaky::start(autoscaler_addr(&bed.client).await?).await?;
+    let flaky = Flaky::start(knative::autoscaler_addr(&bed.client).await?).await?;
     let plugin = Plugin::start(
         &bed.dir,
         &bed.ns,

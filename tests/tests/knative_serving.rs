@@ -5,57 +5,21 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Endpoints;
 use kinfer_core::kpa::{StatSender, WireStatMessage, WireStatMessages};
 use kinfer_tests::knative::{self, ready};
 use kinfer_tests::{client, namespace, pod_ready, pods, poll, wait_for};
-use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-
-fn service(name: &str, annotations: serde_json::Value) -> DynamicObject {
-    serde_json::from_value(json!({
-        "apiVersion": "serving.knative.dev/v1",
-        "kind": "Service",
-        "metadata": { "name": name },
-        "spec": { "template": {
-            "metadata": { "annotations": annotations },
-            "spec": { "containers": [{ "image": "dev.local/hello" }] }
-        }}
-    }))
-    .unwrap()
-}
-
-async fn create_ready_service(
-    client: &kube::Client,
-    ns: &str,
-    svc: DynamicObject,
-) -> anyhow::Result<DynamicObject> {
-    let services = knative::services(client, ns);
-    let name = svc.metadata.name.clone().unwrap();
-    services.create(&PostParams::default(), &svc).await?;
-    wait_for(&services, &name, Duration::from_secs(120), ready).await
-}
-
-/// The stat server's address, found the way an in-cluster client would: from the
-/// `autoscaler` Service's endpoints in knative-serving.
-async fn autoscaler_url(client: &kube::Client) -> anyhow::Result<String> {
-    let endpoints: Api<Endpoints> = Api::namespaced(client.clone(), "knative-serving");
-    let ep = endpoints.get("autoscaler").await?;
-    let subset = &ep.subsets.unwrap()[0];
-    let ip = &subset.addresses.as_ref().unwrap()[0].ip;
-    let port = subset.ports.as_ref().unwrap()[0].port;
-    Ok(format!("ws://{ip}:{port}"))
-}
 
 #[tokio::test]
 async fn service_becomes_ready_with_queue_proxy_and_the_kpa() -> anyhow::Result<()> {
     let client = client().await?;
     let ns = namespace(&client, "kn-hello").await?;
-    let svc = create_ready_service(
+    let svc = knative::create_ready(
         &client,
         &ns,
-        service("hello", json!({ "test.kinfer.dev/load-time": "2s" })),
+        knative::service("hello", json!({ "test.kinfer.dev/load-time": "2s" })),
     )
     .await?;
     let revision = knative::status_str(&svc, "latestReadyRevisionName").unwrap();
@@ -105,10 +69,10 @@ async fn kpa_scales_on_stats_pushed_over_its_websocket() -> anyhow::Result<()> {
     let client = client().await?;
     let ns = namespace(&client, "kn-kpa").await?;
     let target = 10.0;
-    let svc = create_ready_service(
+    let svc = knative::create_ready(
         &client,
         &ns,
-        service(
+        knative::service(
             "load",
             json!({
                 "autoscaling.knative.dev/target": "10",
@@ -128,7 +92,7 @@ async fn kpa_scales_on_stats_pushed_over_its_websocket() -> anyhow::Result<()> {
     assert_eq!(expected, 5);
 
     let stop = CancellationToken::new();
-    let sender = StatSender::spawn(autoscaler_url(&client).await?, stop.clone(), None);
+    let sender = StatSender::spawn(knative::autoscaler_url(&client).await?, stop.clone(), None);
     let feeding = stop.child_token();
     let feeder = {
         let (ns, revision, feeding) = (ns.clone(), revision.clone(), feeding.clone());
@@ -182,7 +146,7 @@ async fn kpa_scales_on_stats_pushed_over_its_websocket() -> anyhow::Result<()> {
 async fn a_new_revision_rolls_out_and_the_old_one_scales_away() -> anyhow::Result<()> {
     let client = client().await?;
     let ns = namespace(&client, "kn-rollout").await?;
-    create_ready_service(&client, &ns, service("roll", json!({}))).await?;
+    knative::create_ready(&client, &ns, knative::service("roll", json!({}))).await?;
     let services = knative::services(&client, &ns);
     let patch = json!({ "spec": { "template": { "spec": { "containers": [
         { "image": "dev.local/hello", "env": [{ "name": "VERSION", "value": "2" }] }
@@ -220,7 +184,7 @@ async fn a_new_revision_rolls_out_and_the_old_one_scales_away() -> anyhow::Resul
 async fn knative_validation_still_rejects_an_invalid_service() -> anyhow::Result<()> {
     let client = client().await?;
     let ns = namespace(&client, "kn-invalid").await?;
-    let mut svc = service("bad", json!({}));
+    let mut svc = knative::service("bad", json!({}));
     svc.data["spec"]["template"]["spec"]["containerConcurrency"] = json!(-5);
     let err = knative::services(&client, &ns)
         .create(&PostParams::default(), &svc)

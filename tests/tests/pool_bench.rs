@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Endpoints, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kinfer_core::kpa::{StatSender, WireStatMessage, WireStatMessages};
 use kinfer_core::warmpool::WarmPool;
 use kinfer_tests::knative::{self, ready};
@@ -25,15 +25,6 @@ use kube::api::{Api, DynamicObject, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-
-async fn autoscaler_url(client: &kube::Client) -> anyhow::Result<String> {
-    let endpoints: Api<Endpoints> = Api::namespaced(client.clone(), "knative-serving");
-    let ep = endpoints.get("autoscaler").await?;
-    let subset = &ep.subsets.unwrap()[0];
-    let ip = &subset.addresses.as_ref().unwrap()[0].ip;
-    let port = subset.ports.as_ref().unwrap()[0].port;
-    Ok(format!("ws://{ip}:{port}"))
-}
 
 fn feed(url: String, ns: &str, revision: &str, concurrency: f64) -> CancellationToken {
     let stop = CancellationToken::new();
@@ -208,7 +199,7 @@ async fn bench_time_to_ready_with_and_without_the_pool() -> anyhow::Result<()> {
     let client = client().await?;
     let lease_ns = namespace(&client, "bench-pool-controller").await?;
     let _controller = PoolController::start_cluster_wide(&lease_ns).await?;
-    let url = autoscaler_url(&client).await?;
+    let url = knative::autoscaler_url(&client).await?;
     let serial = std::sync::Arc::new(tokio::sync::Mutex::new(()));
     let mut runs = Vec::new();
     for case in [Case::FromZero, Case::OneToFour] {

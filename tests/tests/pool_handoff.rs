@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Endpoints, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kinfer_core::kpa::{StatSender, WireStatMessage, WireStatMessages};
 use kinfer_core::warmpool::WarmPool;
 use kinfer_tests::knative::{self, ready};
@@ -20,15 +20,6 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 const LOAD_TIME: &str = "20s";
-
-async fn autoscaler_url(client: &kube::Client) -> anyhow::Result<String> {
-    let endpoints: Api<Endpoints> = Api::namespaced(client.clone(), "knative-serving");
-    let ep = endpoints.get("autoscaler").await?;
-    let subset = &ep.subsets.unwrap()[0];
-    let ip = &subset.addresses.as_ref().unwrap()[0].ip;
-    let port = subset.ports.as_ref().unwrap()[0].port;
-    Ok(format!("ws://{ip}:{port}"))
-}
 
 async fn create_service(client: &kube::Client, ns: &str, name: &str) -> anyhow::Result<String> {
     create_service_with(client, ns, name, "0").await
@@ -141,7 +132,7 @@ async fn scale_from_zero(
 ) -> anyhow::Result<(Duration, Pod, CancellationToken)> {
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let deployment = format!("{revision}-deployment");
-    let feeding = feed(autoscaler_url(client).await?, ns, revision, 5.0);
+    let feeding = feed(knative::autoscaler_url(client).await?, ns, revision, 5.0);
     let start = Instant::now();
     let decided = loop {
         let d = deployments.get(&deployment).await?;
@@ -351,7 +342,7 @@ async fn scale_one_to_four_with_a_pool_of_two_takes_two_warm_pods() -> anyhow::R
     let _controller = PoolController::start(&ns).await?;
     let revision = create_service(&client, &ns, "burst").await?;
     // Hold the revision at one pod (concurrency 5, target 10 × 0.7).
-    let url = autoscaler_url(&client).await?;
+    let url = knative::autoscaler_url(&client).await?;
     let one = feed(url.clone(), &ns, &revision, 5.0);
     let pools: Api<WarmPool> = Api::namespaced(client.clone(), &ns);
     pools
@@ -490,7 +481,7 @@ async fn a_controller_killed_between_handoff_steps_recovers() -> anyhow::Result<
         let crashing =
             PoolController::start_with_env(&ns, &[("KINFER_POOL_CRASH_AFTER", step)]).await?;
 
-        let feeding = feed(autoscaler_url(&client).await?, &ns, &revision, 5.0);
+        let feeding = feed(knative::autoscaler_url(&client).await?, &ns, &revision, 5.0);
         crashing
             .wait_exit(Duration::from_secs(60))
             .await
