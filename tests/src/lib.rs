@@ -242,6 +242,35 @@ pub mod knative {
         Ok(format!("ws://{}", autoscaler_addr(client).await?))
     }
 
+    /// Reports `concurrency` for the revision to the KPA once a second, as one revision-wide
+    /// total, until the returned token is cancelled (or dropped and cancelled by the caller).
+    pub fn feed_kpa(
+        url: String,
+        ns: &str,
+        revision: &str,
+        concurrency: f64,
+    ) -> tokio_util::sync::CancellationToken {
+        use kinfer_core::kpa::{StatSender, WireStatMessage, WireStatMessages};
+        let stop = tokio_util::sync::CancellationToken::new();
+        let sender = StatSender::spawn(url, stop.clone(), None);
+        let (ns, revision, token) = (ns.to_string(), revision.to_string(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            while !token.is_cancelled() {
+                tick.tick().await;
+                sender.send(WireStatMessages {
+                    messages: vec![WireStatMessage::concurrency(
+                        &ns,
+                        &revision,
+                        "kinfer-test",
+                        concurrency,
+                    )],
+                });
+            }
+        });
+        stop
+    }
+
     /// A string field of the object's status, e.g. `latestReadyRevisionName`.
     pub fn status_str(obj: &DynamicObject, field: &str) -> Option<String> {
         obj.data

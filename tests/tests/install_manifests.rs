@@ -75,14 +75,7 @@ fn rbac_has_no_wildcards() -> anyhow::Result<()> {
 #[tokio::test]
 #[ignore = "needs a cluster of its own: make install-test"]
 async fn install_creates_every_object() -> anyhow::Result<()> {
-    let manifests = repo_root().join("manifests");
-    kubectl(&[
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "-k",
-        manifests.to_str().unwrap(),
-    ])?;
+    apply_install()?;
     for obj in rendered_objects()? {
         let kind = obj["kind"].as_str().unwrap();
         let name = obj["metadata"]["name"].as_str().unwrap();
@@ -141,41 +134,84 @@ async fn service_account_kubeconfig(
     Ok(path)
 }
 
-struct Component(Child);
+/// `kubectl apply -k manifests/`, server-side, as an admin would install kinfer.
+fn apply_install() -> anyhow::Result<()> {
+    let manifests = repo_root().join("manifests");
+    kubectl(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-k",
+        manifests.to_str().unwrap(),
+    ])?;
+    Ok(())
+}
 
-impl Drop for Component {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+fn tempdir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("kinfer-install-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn apply_yaml(name: &str, yaml: &str) -> anyhow::Result<()> {
+    let path = tempdir()?.join(format!("{name}.yaml"));
+    std::fs::write(&path, yaml)?;
+    kubectl(&["apply", "-f", path.to_str().unwrap()])?;
+    Ok(())
+}
+
+/// A kinfer binary run after the install under its own ServiceAccount's token (the binary
+/// and its ServiceAccount share a name); killed when dropped.
+struct AsServiceAccount {
+    child: Child,
+    log: PathBuf,
+}
+
+impl AsServiceAccount {
+    /// Starts it with `--admin-addr admin` and `args`, and waits until its /readyz is green.
+    async fn start(name: &str, admin: &str, args: &[&str]) -> anyhow::Result<Self> {
+        let client = client().await?;
+        apply_install()?;
+        let dir = tempdir()?;
+        let kubeconfig = service_account_kubeconfig(&client, "kinfer-system", name, &dir).await?;
+        let log = dir.join(format!("{name}.log"));
+        let path = repo_root().join("target/debug").join(name);
+        let child = Command::new(&path)
+            .arg(format!("--admin-addr={admin}"))
+            .args(args)
+            .env("KUBECONFIG", &kubeconfig)
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", path.display()))?;
+        let component = Self { child, log };
+        poll(Duration::from_secs(60), || async {
+            Ok(http_get_status(admin, "/readyz").await.unwrap_or(0) == 200)
+        })
+        .await
+        .with_context(|| format!("{name} not ready; log:\n{}", component.log_text()))?;
+        Ok(component)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Fails when any API call it made was refused.
+    fn assert_no_permission_errors(&self) {
+        let log = self.log_text();
+        assert!(
+            !log.to_lowercase().contains("forbidden"),
+            "permission error:\n{log}"
+        );
     }
 }
 
-fn start(binary: &str, kubeconfig: &Path, log: &Path, args: &[&str]) -> anyhow::Result<Component> {
-    let path = repo_root().join("target/debug").join(binary);
-    let child = Command::new(&path)
-        .args(args)
-        .env("KUBECONFIG", kubeconfig)
-        .stdout(std::fs::File::create(log)?)
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting {}", path.display()))?;
-    Ok(Component(child))
-}
-
-async fn wait_ready(admin: &str, log: &Path) -> anyhow::Result<()> {
-    poll(Duration::from_secs(60), || async {
-        let ready = tokio::net::TcpStream::connect(admin).await.is_ok()
-            && http_get_status(admin, "/readyz").await? == 200;
-        Ok(ready)
-    })
-    .await
-    .with_context(|| {
-        format!(
-            "not ready; log:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        )
-    })?;
-    Ok(())
+impl Drop for AsServiceAccount {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 async fn http_get_status(addr: &str, path: &str) -> anyhow::Result<u16> {
@@ -196,32 +232,14 @@ async fn http_get_status(addr: &str, path: &str) -> anyhow::Result<u16> {
 #[tokio::test]
 #[ignore = "needs a cluster of its own: make install-test"]
 async fn webhook_runs_under_its_own_service_account() -> anyhow::Result<()> {
-    let client = client().await?;
-    let manifests = repo_root().join("manifests");
-    kubectl(&[
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "-k",
-        manifests.to_str().unwrap(),
-    ])?;
-    let dir = tempdir()?;
-    let kubeconfig =
-        service_account_kubeconfig(&client, "kinfer-system", "kinfer-webhook", &dir).await?;
-    let log = dir.join("webhook.log");
     // Its main path with its own credentials: issue the certificate into its Secret, watch
-    // kinfer-config, register both webhook configurations, then admit.
-    let _webhook = start(
+    // kinfer-config, register both webhook configurations.
+    let webhook = AsServiceAccount::start(
         "kinfer-webhook",
-        &kubeconfig,
-        &log,
-        &[
-            "--namespace=kinfer-system",
-            "--listen=127.0.0.1:19443",
-            "--admin-addr=127.0.0.1:19401",
-        ],
-    )?;
-    wait_ready("127.0.0.1:19401", &log).await?;
+        "127.0.0.1:19401",
+        &["--namespace=kinfer-system", "--listen=127.0.0.1:19443"],
+    )
+    .await?;
     let secret = kubectl(&[
         "get",
         "secret",
@@ -232,42 +250,26 @@ async fn webhook_runs_under_its_own_service_account() -> anyhow::Result<()> {
         "name",
     ])?;
     assert_eq!(secret.trim(), "secret/kinfer-webhook-tls");
-    let mutating = kubectl(&[
+    let ca_bundle = kubectl(&[
         "get",
         "mutatingwebhookconfiguration",
         "kinfer-webhook",
         "-o",
         "jsonpath={.webhooks[0].clientConfig.caBundle}",
     ])?;
-    assert!(!mutating.is_empty(), "caBundle not patched");
-    let log_text = std::fs::read_to_string(&log)?;
-    assert!(
-        !log_text.contains("forbidden"),
-        "the webhook hit a permission error:\n{log_text}"
-    );
+    assert!(!ca_bundle.is_empty(), "caBundle not patched");
+    webhook.assert_no_permission_errors();
     Ok(())
-}
-
-fn tempdir() -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("kinfer-install-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
 }
 
 #[tokio::test]
 #[ignore = "needs a cluster of its own: make install-test"]
 async fn autoscaler_plugin_runs_under_its_own_service_account() -> anyhow::Result<()> {
-    let client = client().await?;
-    let manifests = repo_root().join("manifests");
-    kubectl(&[
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "-k",
-        manifests.to_str().unwrap(),
-    ])?;
     // Something for it to read: an opted-in Service and a WarmPool to publish a forecast on.
-    let objects = r#"
+    apply_install()?;
+    apply_yaml(
+        "plugin-objects",
+        r#"
 apiVersion: serving.knative.dev/v1
 kind: Service
 metadata: {name: rbac-check, namespace: default}
@@ -282,50 +284,31 @@ apiVersion: kinfer.dev/v1alpha1
 kind: WarmPool
 metadata: {name: rbac-check, namespace: default}
 spec: {configurationRef: {name: rbac-check}, minReady: 0}
-"#;
-    let path = tempdir()?.join("objects.yaml");
-    std::fs::write(&path, objects)?;
-    kubectl(&["apply", "-f", path.to_str().unwrap()])?;
-    let dir = tempdir()?;
-    let kubeconfig =
-        service_account_kubeconfig(&client, "kinfer-system", "kinfer-autoscaler-plugin", &dir)
-            .await?;
-    let log = dir.join("plugin.log");
-    let _plugin = start(
+"#,
+    )?;
+    let plugin = AsServiceAccount::start(
         "kinfer-autoscaler-plugin",
-        &kubeconfig,
-        &log,
+        "127.0.0.1:19402",
         &[
             "--source=scrape",
             "--knative-reporters=none",
             "--autoscaler-url=ws://10.255.255.1:8080",
-            "--admin-addr=127.0.0.1:19402",
         ],
-    )?;
-    wait_ready("127.0.0.1:19402", &log).await?;
+    )
+    .await?;
     // A few rounds of its loop: revision and pod watches, Knative's defaults, WarmPool list.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let log_text = std::fs::read_to_string(&log)?;
-    assert!(
-        !log_text.contains("forbidden") && !log_text.contains("Forbidden"),
-        "the plugin hit a permission error:\n{log_text}"
-    );
+    plugin.assert_no_permission_errors();
     Ok(())
 }
 
 #[tokio::test]
 #[ignore = "needs a cluster of its own: make install-test"]
 async fn pool_controller_runs_under_its_own_service_account() -> anyhow::Result<()> {
-    let client = client().await?;
-    let manifests = repo_root().join("manifests");
-    kubectl(&[
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "-k",
-        manifests.to_str().unwrap(),
-    ])?;
-    let objects = r#"
+    apply_install()?;
+    apply_yaml(
+        "pool-objects",
+        r#"
 apiVersion: serving.knative.dev/v1
 kind: Service
 metadata: {name: pool-rbac, namespace: default}
@@ -338,27 +321,16 @@ apiVersion: kinfer.dev/v1alpha1
 kind: WarmPool
 metadata: {name: pool-rbac, namespace: default}
 spec: {configurationRef: {name: pool-rbac}, minReady: 1}
-"#;
-    let dir = tempdir()?;
-    let path = dir.join("pool-objects.yaml");
-    std::fs::write(&path, objects)?;
-    kubectl(&["apply", "-f", path.to_str().unwrap()])?;
-    let kubeconfig =
-        service_account_kubeconfig(&client, "kinfer-system", "kinfer-pool-controller", &dir)
-            .await?;
-    let log = dir.join("pool-controller.log");
+"#,
+    )?;
     // Its main path with its own credentials: leader election, the pool watch, a warm pod
     // built from the revision's ReplicaSet, the pool's status.
-    let _controller = start(
+    let controller = AsServiceAccount::start(
         "kinfer-pool-controller",
-        &kubeconfig,
-        &log,
-        &[
-            "--lease-namespace=kinfer-system",
-            "--admin-addr=127.0.0.1:19403",
-        ],
-    )?;
-    wait_ready("127.0.0.1:19403", &log).await?;
+        "127.0.0.1:19403",
+        &["--lease-namespace=kinfer-system"],
+    )
+    .await?;
     poll(Duration::from_secs(90), || async {
         let ready = kubectl(&[
             "get",
@@ -372,16 +344,7 @@ spec: {configurationRef: {name: pool-rbac}, minReady: 1}
         Ok(ready.trim() == "1")
     })
     .await
-    .with_context(|| {
-        format!(
-            "no warm pod; log:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        )
-    })?;
-    let log_text = std::fs::read_to_string(&log)?;
-    assert!(
-        !log_text.contains("forbidden") && !log_text.contains("Forbidden"),
-        "the pool controller hit a permission error:\n{log_text}"
-    );
+    .with_context(|| format!("no warm pod; log:\n{}", controller.log_text()))?;
+    controller.assert_no_permission_errors();
     Ok(())
 }

@@ -5,12 +5,10 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use kinfer_core::kpa::{StatSender, WireStatMessage, WireStatMessages};
 use kinfer_tests::knative::{self, ready};
 use kinfer_tests::{client, namespace, pod_ready, pods, poll, wait_for};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
 async fn service_becomes_ready_with_queue_proxy_and_the_kpa() -> anyhow::Result<()> {
@@ -91,26 +89,12 @@ async fn kpa_scales_on_stats_pushed_over_its_websocket() -> anyhow::Result<()> {
     let expected = (concurrency / (target * 0.7_f64)).ceil() as i32;
     assert_eq!(expected, 5);
 
-    let stop = CancellationToken::new();
-    let sender = StatSender::spawn(knative::autoscaler_url(&client).await?, stop.clone(), None);
-    let feeding = stop.child_token();
-    let feeder = {
-        let (ns, revision, feeding) = (ns.clone(), revision.clone(), feeding.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            while !feeding.is_cancelled() {
-                tick.tick().await;
-                sender.send(WireStatMessages {
-                    messages: vec![WireStatMessage::concurrency(
-                        &ns,
-                        &revision,
-                        "kinfer-test",
-                        concurrency,
-                    )],
-                });
-            }
-        })
-    };
+    let feeding = knative::feed_kpa(
+        knative::autoscaler_url(&client).await?,
+        &ns,
+        &revision,
+        concurrency,
+    );
     let first_frame = Instant::now();
     let scaled = wait_for(&deployments, &deployment, Duration::from_secs(60), |d| {
         d.spec.replicas == Some(expected)
@@ -118,7 +102,7 @@ async fn kpa_scales_on_stats_pushed_over_its_websocket() -> anyhow::Result<()> {
     .await;
     let scale_up = first_frame.elapsed();
     if let Err(e) = scaled {
-        stop.cancel();
+        feeding.cancel();
         return Err(e);
     }
     eprintln!("KPA scaled {revision} to {expected} in {scale_up:?} after the first stat frame");
@@ -128,7 +112,6 @@ async fn kpa_scales_on_stats_pushed_over_its_websocket() -> anyhow::Result<()> {
     assert_eq!(replicas, Some(expected));
 
     feeding.cancel();
-    feeder.await?;
     let stopped = Instant::now();
     wait_for(&deployments, &deployment, Duration::from_secs(180), |d| {
         d.spec.replicas == Some(0)
@@ -138,7 +121,6 @@ async fn kpa_scales_on_stats_pushed_over_its_websocket() -> anyhow::Result<()> {
         "KPA scaled {revision} to zero {:?} after the stats stopped",
         stopped.elapsed()
     );
-    stop.cancel();
     Ok(())
 }
 

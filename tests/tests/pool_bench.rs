@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
-use kinfer_core::kpa::{StatSender, WireStatMessage, WireStatMessages};
 use kinfer_core::warmpool::WarmPool;
 use kinfer_tests::knative::{self, ready};
 use kinfer_tests::pool::PoolController;
@@ -24,28 +23,6 @@ use kinfer_tests::{client, namespace, pod_ready, pods, wait_for};
 use kube::api::{Api, DynamicObject, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
-
-fn feed(url: String, ns: &str, revision: &str, concurrency: f64) -> CancellationToken {
-    let stop = CancellationToken::new();
-    let sender = StatSender::spawn(url, stop.clone(), None);
-    let (ns, revision, token) = (ns.to_string(), revision.to_string(), stop.clone());
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        while !token.is_cancelled() {
-            tick.tick().await;
-            sender.send(WireStatMessages {
-                messages: vec![WireStatMessage::concurrency(
-                    &ns,
-                    &revision,
-                    "kinfer-bench",
-                    concurrency,
-                )],
-            });
-        }
-    });
-    stop
-}
 
 #[derive(Clone, Copy, Debug)]
 enum Case {
@@ -108,7 +85,7 @@ async fn trial(
         Case::OneToFour => (2, 1, 4, 28.0),
     };
     let hold = match case {
-        Case::OneToFour => Some(feed(url.clone(), &ns, &revision, 5.0)),
+        Case::OneToFour => Some(knative::feed_kpa(url.clone(), &ns, &revision, 5.0)),
         Case::FromZero => None,
     };
     if warm {
@@ -161,7 +138,7 @@ async fn trial(
     if let Some(h) = hold {
         h.cancel();
     }
-    let feeding = feed(url, &ns, &revision, if load > 0.0 { load } else { 5.0 });
+    let feeding = knative::feed_kpa(url, &ns, &revision, if load > 0.0 { load } else { 5.0 });
     let result = tokio::time::timeout(Duration::from_secs(120), async {
         let decided = loop {
             let d = deploy_events.try_next().await?.expect("watch ended");

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
-use kinfer_core::kpa::{StatSender, WireStatMessage, WireStatMessages};
 use kinfer_core::warmpool::WarmPool;
 use kinfer_tests::knative::{self, ready};
 use kinfer_tests::pool::PoolController;
@@ -59,28 +58,6 @@ fn warm_pool(name: &str, configuration: &str, min_ready: i32) -> WarmPool {
         "spec": { "configurationRef": { "name": configuration }, "minReady": min_ready }
     }))
     .unwrap()
-}
-
-/// Feeds the KPA `concurrency` for `revision` once a second until the token is cancelled.
-fn feed(url: String, ns: &str, revision: &str, concurrency: f64) -> CancellationToken {
-    let stop = CancellationToken::new();
-    let sender = StatSender::spawn(url, stop.clone(), None);
-    let (ns, revision, token) = (ns.to_string(), revision.to_string(), stop.clone());
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        while !token.is_cancelled() {
-            tick.tick().await;
-            sender.send(WireStatMessages {
-                messages: vec![WireStatMessage::concurrency(
-                    &ns,
-                    &revision,
-                    "kinfer-test",
-                    concurrency,
-                )],
-            });
-        }
-    });
-    stop
 }
 
 fn live(p: &Pod) -> bool {
@@ -132,7 +109,7 @@ async fn scale_from_zero(
 ) -> anyhow::Result<(Duration, Pod, CancellationToken)> {
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let deployment = format!("{revision}-deployment");
-    let feeding = feed(knative::autoscaler_url(client).await?, ns, revision, 5.0);
+    let feeding = knative::feed_kpa(knative::autoscaler_url(client).await?, ns, revision, 5.0);
     let start = Instant::now();
     let decided = loop {
         let d = deployments.get(&deployment).await?;
@@ -343,7 +320,7 @@ async fn scale_one_to_four_with_a_pool_of_two_takes_two_warm_pods() -> anyhow::R
     let revision = create_service(&client, &ns, "burst").await?;
     // Hold the revision at one pod (concurrency 5, target 10 × 0.7).
     let url = knative::autoscaler_url(&client).await?;
-    let one = feed(url.clone(), &ns, &revision, 5.0);
+    let one = knative::feed_kpa(url.clone(), &ns, &revision, 5.0);
     let pools: Api<WarmPool> = Api::namespaced(client.clone(), &ns);
     pools
         .create(&PostParams::default(), &warm_pool("burst", "burst", 2))
@@ -359,7 +336,7 @@ async fn scale_one_to_four_with_a_pool_of_two_takes_two_warm_pods() -> anyhow::R
 
     // Concurrency 28 → ceil(28 / 7) = 4 pods.
     one.cancel();
-    let four = feed(url, &ns, &revision, 28.0);
+    let four = knative::feed_kpa(url, &ns, &revision, 28.0);
     // Two warm pods serve at once; the third new pod starts cold.
     poll(Duration::from_secs(60), || async {
         let ready: Vec<String> = revision_pods(&client, &ns, &revision)
@@ -481,7 +458,8 @@ async fn a_controller_killed_between_handoff_steps_recovers() -> anyhow::Result<
         let crashing =
             PoolController::start_with_env(&ns, &[("KINFER_POOL_CRASH_AFTER", step)]).await?;
 
-        let feeding = feed(knative::autoscaler_url(&client).await?, &ns, &revision, 5.0);
+        let feeding =
+            knative::feed_kpa(knative::autoscaler_url(&client).await?, &ns, &revision, 5.0);
         crashing
             .wait_exit(Duration::from_secs(60))
             .await
