@@ -128,7 +128,10 @@ async fn kpa_scales_on_stats_pushed_over_its_websocket() -> anyhow::Result<()> {
 async fn a_new_revision_rolls_out_and_the_old_one_scales_away() -> anyhow::Result<()> {
     let client = client().await?;
     let ns = namespace(&client, "kn-rollout").await?;
-    knative::create_ready(&client, &ns, knative::service("roll", json!({}))).await?;
+    // min-scale 1 keeps the routed revision up without load; Knative drops it to 0 for a
+    // revision no route reaches, so the old one must still scale away.
+    let min_one = json!({ "autoscaling.knative.dev/min-scale": "1" });
+    knative::create_ready(&client, &ns, knative::service("roll", min_one)).await?;
     let services = knative::services(&client, &ns);
     let patch = json!({ "spec": { "template": { "spec": { "containers": [
         { "image": "dev.local/hello", "env": [{ "name": "VERSION", "value": "2" }] }
