@@ -100,9 +100,12 @@ pub struct Args {
     #[arg(long, env = "KINFER_KNATIVE_REPORTERS", value_enum, default_value_t = KnativeReporters::Active)]
     pub knative_reporters: KnativeReporters,
 
-    /// Seconds between reports (the KPA's bucket is 1 s).
-    #[arg(long, env = "KINFER_INTERVAL", default_value = "1s", value_parser = parse_duration)]
-    pub interval: Duration,
+    /// How often the pods' signals are read. Reports go once per second whatever this is
+    /// (the KPA adds up a second's stats), but a load step goes out as soon as it is seen.
+    /// A round that takes long stretches the interval to twice its own duration, so a large
+    /// fleet slows collection down rather than taking the CPU.
+    #[arg(long, env = "KINFER_COLLECT_INTERVAL", default_value = "250ms", value_parser = parse_duration)]
+    pub collect_interval: Duration,
     /// How long one collection round may take before its stragglers are dropped.
     #[arg(long, env = "KINFER_SOURCE_TIMEOUT", default_value = "800ms", value_parser = parse_duration)]
     pub source_timeout: Duration,
@@ -167,7 +170,7 @@ mod tests {
     #[test]
     fn defaults_parse() {
         let a = Args::try_parse_from(["p"]).unwrap();
-        assert_eq!(a.interval, Duration::from_secs(1));
+        assert_eq!(a.collect_interval, Duration::from_millis(250));
         assert_eq!(a.queries().len(), 5);
         assert_eq!(a.knative_reporters, KnativeReporters::Active);
         let a = Args::try_parse_from(["p", "--query-gpu-util", "", "--source", "scrape"]).unwrap();

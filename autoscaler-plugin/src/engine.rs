@@ -23,10 +23,19 @@ struct Last {
     at: Instant,
 }
 
+/// What one collection round produced.
+#[derive(Debug, Clone, Default)]
+pub struct Round {
+    /// The stats for the Knative autoscaler.
+    pub frame: WireStatMessages,
+    /// Wanted pods per `(namespace, configuration)`, for the forecast.
+    pub demand: HashMap<(String, String), f64>,
+}
+
 pub struct Engine {
     reporters: KnativeReporters,
     hold: Duration,
-    /// Forecast steps: horizon / interval.
+    /// Forecast steps: horizon / the 1 s between reports.
     forecast_steps: f64,
     metrics: Metrics,
     last: HashMap<(String, String), Last>,
@@ -38,14 +47,13 @@ impl Engine {
     pub fn new(
         reporters: KnativeReporters,
         hold: Duration,
-        interval: Duration,
         horizon: Duration,
         metrics: Metrics,
     ) -> Self {
         Self {
             reporters,
             hold,
-            forecast_steps: horizon.as_secs_f64() / interval.as_secs_f64().max(0.001),
+            forecast_steps: horizon.as_secs_f64(),
             metrics,
             last: HashMap::new(),
             holts: HashMap::new(),
@@ -58,7 +66,7 @@ impl Engine {
         revisions: &[DrivenRevision],
         signals: &HashMap<PodKey, PodSignals>,
         now: Instant,
-    ) -> (WireStatMessages, Forecasts) {
+    ) -> Round {
         let mut frame = WireStatMessages::default();
         let mut wanted_by_cfg: HashMap<(String, String), f64> = HashMap::new();
         let mut driven = BTreeSet::new();
@@ -106,10 +114,18 @@ impl Engine {
         }
         self.metrics.revisions.set(driven.len() as i64);
         self.driven = driven;
+        Round {
+            frame,
+            demand: wanted_by_cfg,
+        }
+    }
 
+    /// Advances the demand forecast by one report (called once per second, with the round
+    /// that was reported).
+    pub fn forecast(&mut self, demand: &HashMap<(String, String), f64>) -> Forecasts {
         let mut forecasts = Forecasts::new();
-        self.holts.retain(|k, _| wanted_by_cfg.contains_key(k));
-        for (cfg, wanted) in wanted_by_cfg {
+        self.holts.retain(|k, _| demand.contains_key(k));
+        for (cfg, &wanted) in demand {
             let holt = self.holts.entry(cfg.clone()).or_default();
             holt.update(wanted);
             let replicas = holt.forecast_replicas(self.forecast_steps);
@@ -117,9 +133,9 @@ impl Engine {
                 .forecast_replicas
                 .with_label_values(&[cfg.0.as_str(), cfg.1.as_str()])
                 .set(f64::from(replicas));
-            forecasts.insert(cfg, replicas);
+            forecasts.insert(cfg.clone(), replicas);
         }
-        (frame, forecasts)
+        forecasts
     }
 
     fn record(&mut self, rev: &DrivenRevision, d: &Decision, now: Instant) {
@@ -211,7 +227,6 @@ mod tests {
         Engine::new(
             KnativeReporters::None,
             Duration::from_secs(3),
-            Duration::from_secs(1),
             Duration::from_secs(60),
             m,
         )
@@ -227,7 +242,9 @@ mod tests {
             (PodKey::new("ns", "p2"), in_flight(15.0)),
         ]
         .into();
-        let (frame, forecasts) = e.round(&revs, &signals, t0);
+        let round = e.round(&revs, &signals, t0);
+        let forecasts = e.forecast(&round.demand);
+        let frame = round.frame;
         assert_eq!(frame.messages.len(), 2);
         let a = frame.messages[0].stat.as_ref().unwrap();
         assert_eq!(frame.messages[0].name, "a-1");
@@ -252,7 +269,7 @@ mod tests {
 
         // The source goes quiet: the last report is repeated for the hold, then dropped.
         let none = HashMap::new();
-        let (frame, _) = e.round(&revs[..1], &none, t0 + Duration::from_secs(2));
+        let Round { frame, .. } = e.round(&revs[..1], &none, t0 + Duration::from_secs(2));
         assert!(
             (frame.messages[0]
                 .stat
@@ -263,7 +280,7 @@ mod tests {
                 .abs()
                 < 1e-6
         );
-        let (frame, _) = e.round(&revs[..1], &none, t0 + Duration::from_secs(4));
+        let Round { frame, .. } = e.round(&revs[..1], &none, t0 + Duration::from_secs(4));
         assert!(frame.messages.is_empty());
         // b-1 is no longer driven: its series are gone.
         assert_eq!(e.metrics.revisions.get(), 1);

@@ -2,18 +2,18 @@
 //! websocket sender and the forecast publisher around the per-second [`Engine`] round.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kinfer_core::Runtime;
 use kinfer_core::kpa::{SenderEvent, StatSender};
 use tokio::sync::{mpsc, watch};
-use tokio::time::MissedTickBehavior;
 
 use crate::args::{Args, SourceKind};
 use crate::discovery::{Discovery, DrivenRevision};
-use crate::engine::Engine;
+use crate::engine::{Engine, Round};
 use crate::http::HttpClient;
 use crate::metrics::Metrics;
+use crate::pacing::{self, Pacer};
 use crate::prom::PromSource;
 use crate::publish::{self, Forecasts};
 use crate::scrape::ScrapeSource;
@@ -163,61 +163,92 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut engine = Engine::new(
         args.knative_reporters,
         args.hold,
-        args.interval,
         args.forecast_horizon,
         metrics.clone(),
     );
     let mut problems_seen = BTreeMap::new();
-    let mut tick = tokio::time::interval(args.interval);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut pacer = Pacer::default();
+    // The freshest round, reported at the next send time.
+    let mut latest: Option<Round> = None;
+    let mut next_collect = tokio::time::Instant::now();
     loop {
+        let send = pacing::until_send(unix_now());
         tokio::select! {
             _ = stop.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        let started = Instant::now();
-        let (revisions, problems) = discovery.snapshot();
-        if problems != problems_seen {
-            for (rev, why) in &problems {
-                if problems_seen.get(rev) != Some(why) {
-                    tracing::warn!(revision = %rev, problem = %why, "opted in but not driven");
+            _ = tokio::time::sleep_until(next_collect) => {
+                let started = Instant::now();
+                let round = collect_round(&args, &discovery, &source, &mut engine, &mut problems_seen, &metrics).await;
+                let took = started.elapsed();
+                metrics.loop_seconds.observe(took.as_secs_f64());
+                next_collect = tokio::time::Instant::from_std(started + args.collect_interval.max(took * 2));
+                latest = Some(round);
+            }
+            _ = tokio::time::sleep(send) => {
+                let now = unix_now();
+                if let Some(round) = &latest
+                    && pacer.free(now)
+                {
+                    pacer.sent(now);
+                    forecast_tx.send_replace(engine.forecast(&round.demand));
+                    if !round.frame.messages.is_empty() && !sender.send(round.frame.clone()) {
+                        break;
+                    }
                 }
             }
-            problems_seen = problems;
         }
-        let signals = if revisions.is_empty() {
-            HashMap::new()
-        } else {
-            // Never let a slow source hold up the round: what misses the deadline is absent,
-            // and the engine holds those revisions' last reports.
-            match tokio::time::timeout(
-                args.source_timeout + Duration::from_millis(50),
-                source.collect(&revisions, &metrics),
-            )
-            .await
-            {
-                Ok(s) => s,
-                Err(_) => {
-                    metrics
-                        .source_errors
-                        .with_label_values(&[source.name(), "all", "timeout"])
-                        .inc();
-                    tracing::warn!(timeout = ?args.source_timeout, "collection timed out");
-                    HashMap::new()
-                }
-            }
-        };
-        metrics
-            .last_collect_seconds
-            .set(started.elapsed().as_secs_f64());
-        let (frame, forecasts) = engine.round(&revisions, &signals, Instant::now());
-        if !frame.messages.is_empty() && !sender.send(frame) {
-            break;
-        }
-        forecast_tx.send_replace(forecasts);
-        metrics
-            .loop_seconds
-            .observe(started.elapsed().as_secs_f64());
     }
     runtime.wait_for_shutdown().await
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// One collection: the driven revisions, their pods' signals, the engine's decisions.
+async fn collect_round(
+    args: &Args,
+    discovery: &Discovery,
+    source: &Source,
+    engine: &mut Engine,
+    problems_seen: &mut BTreeMap<String, String>,
+    metrics: &Metrics,
+) -> Round {
+    let started = Instant::now();
+    let (revisions, problems) = discovery.snapshot();
+    if problems != *problems_seen {
+        for (rev, why) in &problems {
+            if problems_seen.get(rev) != Some(why) {
+                tracing::warn!(revision = %rev, problem = %why, "opted in but not driven");
+            }
+        }
+        *problems_seen = problems;
+    }
+    let signals = if revisions.is_empty() {
+        HashMap::new()
+    } else {
+        // Never let a slow source hold up the round: what misses the deadline is absent,
+        // and the engine holds those revisions' last reports.
+        match tokio::time::timeout(
+            args.source_timeout + Duration::from_millis(50),
+            source.collect(&revisions, metrics),
+        )
+        .await
+        {
+            Ok(s) => s,
+            Err(_) => {
+                metrics
+                    .source_errors
+                    .with_label_values(&[source.name(), "all", "timeout"])
+                    .inc();
+                tracing::warn!(timeout = ?args.source_timeout, "collection timed out");
+                HashMap::new()
+            }
+        }
+    };
+    metrics
+        .last_collect_seconds
+        .set(started.elapsed().as_secs_f64());
+    engine.round(&revisions, &signals, Instant::now())
 }

@@ -50,7 +50,7 @@ func startKnative(ctx context.Context, sup *supervisor, c *cluster, kubeconfig, 
 		{"knative-autoscaler", "knative-autoscaler", env("autoscaler", 8010, "POD_IP="+knativeAddr)},
 	}
 	for _, comp := range components {
-		if err := sup.startEnv(filepath.Join(binDir, comp.binary), comp.name, comp.env); err != nil {
+		if err := sup.startRestartable(filepath.Join(binDir, comp.binary), comp.name, comp.env); err != nil {
 			return err
 		}
 	}

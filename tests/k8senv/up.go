@@ -13,7 +13,9 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -60,7 +62,11 @@ func runUp(args []string) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 
-	sup := &supervisor{logDir: filepath.Join(*dir, "logs"), died: make(chan string, 8)}
+	sup := &supervisor{
+		logDir: filepath.Join(*dir, "logs"),
+		pidDir: filepath.Join(*dir, "pids"),
+		died:   make(chan string, 8),
+	}
 	err := bringUp(ctx, sup, *dir, *kwok, crdDirs, *knativeBin, *knativeManifests)
 	if err == nil {
 		select {
@@ -225,10 +231,12 @@ func waitHTTP(ctx context.Context, sup *supervisor, url string, tlsConfig *tls.C
 	return waitHTTPHeader(ctx, sup, url, "", "", tlsConfig, timeout)
 }
 
-// supervisor runs the components as child processes, each logging to its own file.
+// supervisor runs the components as child processes, each logging to its own file and
+// with its current PID in pids/NAME.pid (tests signal components through it).
 type supervisor struct {
 	logDir string
-	procs  []proc
+	pidDir string
+	procs  []*proc
 	died   chan string
 	// stopping is set once shutdown begins, so expected exits are not reported as deaths.
 	stopping atomic.Bool
@@ -236,26 +244,81 @@ type supervisor struct {
 
 type proc struct {
 	name string
-	cmd  *exec.Cmd
+	mu   sync.Mutex
+	cmd  *exec.Cmd // the current process; replaced when a restartable component restarts
+	// done is closed once the component has exited for good.
 	done chan struct{}
 }
 
+func (p *proc) current() *exec.Cmd {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.cmd
+}
+
 func (s *supervisor) start(path, name string, args ...string) error {
-	return s.startEnv(path, name, nil, args...)
+	return s.launch(path, name, nil, false, args...)
 }
 
 // startEnv starts a component with extra environment variables.
 func (s *supervisor) startEnv(path, name string, env []string, args ...string) error {
-	if err := os.MkdirAll(s.logDir, 0o755); err != nil {
-		return err
-	}
-	log, err := os.Create(filepath.Join(s.logDir, name+".log"))
+	return s.launch(path, name, env, false, args...)
+}
+
+// startRestartable starts a component that is restarted whenever it exits, as the kubelet
+// restarts a Deployment's container: Knative's components, so that tests can restart one
+// (SIGTERM through its PID file) the way a rollout does. Other components' deaths end the
+// cluster, loudly.
+func (s *supervisor) startRestartable(path, name string, env []string, args ...string) error {
+	return s.launch(path, name, env, true, args...)
+}
+
+func (s *supervisor) launch(path, name string, env []string, restart bool, args ...string) error {
+	p := &proc{name: name, done: make(chan struct{})}
+	log, err := s.spawn(p, path, env, args, os.O_TRUNC)
 	if err != nil {
 		return err
 	}
+	s.procs = append(s.procs, p)
+	go func() {
+		for {
+			err := p.current().Wait()
+			log.Close()
+			if !restart || s.stopping.Load() {
+				break
+			}
+			fmt.Fprintf(os.Stderr, "k8senv: %s exited (%v); restarting it\n", name, err)
+			time.Sleep(200 * time.Millisecond)
+			if s.stopping.Load() {
+				break
+			}
+			if log, err = s.spawn(p, path, env, args, os.O_APPEND); err != nil {
+				fmt.Fprintf(os.Stderr, "k8senv: restarting %s: %v\n", name, err)
+				break
+			}
+		}
+		close(p.done)
+		if !s.stopping.Load() {
+			s.died <- name
+		}
+	}()
+	return nil
+}
+
+// spawn starts the component's process and records its PID; the caller closes the log.
+func (s *supervisor) spawn(p *proc, path string, env, args []string, logMode int) (*os.File, error) {
+	for _, dir := range []string{s.logDir, s.pidDir} {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return nil, err
+		}
+	}
+	log, err := os.OpenFile(filepath.Join(s.logDir, p.name+".log"), os.O_CREATE|os.O_WRONLY|logMode, 0o644)
+	if err != nil {
+		return nil, err
+	}
 	argv := args
-	if filepath.Base(path) != name {
-		argv = append([]string{name}, args...)
+	if filepath.Base(path) != p.name {
+		argv = append([]string{p.name}, args...)
 	}
 	cmd := exec.Command(path, argv...)
 	cmd.Stdout, cmd.Stderr = log, log
@@ -265,19 +328,20 @@ func (s *supervisor) startEnv(path, name string, env []string, args ...string) e
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		log.Close()
-		return fmt.Errorf("starting %s: %w", name, err)
+		return nil, fmt.Errorf("starting %s: %w", p.name, err)
 	}
-	p := proc{name: name, cmd: cmd, done: make(chan struct{})}
-	s.procs = append(s.procs, p)
-	go func() {
-		_ = cmd.Wait()
-		log.Close()
-		close(p.done)
-		if !s.stopping.Load() {
-			s.died <- name
-		}
-	}()
-	return nil
+	p.mu.Lock()
+	p.cmd = cmd
+	p.mu.Unlock()
+	pidFile := filepath.Join(s.pidDir, p.name+".pid")
+	if err := os.WriteFile(pidFile, []byte(strconv.Itoa(cmd.Process.Pid)+"\n"), 0o644); err != nil {
+		return nil, err
+	}
+	if s.stopping.Load() {
+		// Shutdown began while it was starting: stopAll may have signalled its predecessor.
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+	}
+	return log, nil
 }
 
 // stopAll stops the components newest first: kwok and the controllers before the
@@ -286,12 +350,12 @@ func (s *supervisor) stopAll() {
 	s.stopping.Store(true)
 	for i := len(s.procs) - 1; i >= 0; i-- {
 		p := s.procs[i]
-		_ = p.cmd.Process.Signal(syscall.SIGTERM)
+		_ = p.current().Process.Signal(syscall.SIGTERM)
 		select {
 		case <-p.done:
 		case <-time.After(5 * time.Second):
 			fmt.Fprintf(os.Stderr, "k8senv: %s did not stop in 5s, killing it\n", p.name)
-			_ = p.cmd.Process.Kill()
+			_ = p.current().Process.Kill()
 			<-p.done
 		}
 	}

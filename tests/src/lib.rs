@@ -128,6 +128,8 @@ pub fn unschedulable_message(pod: &Pod) -> Option<String> {
         .then(|| cond.message.clone().unwrap_or_default())
 }
 
+pub mod autoscaling;
+
 /// Knative Serving objects, read through the dynamic API (Knative ships no Rust types).
 pub mod knative {
     use std::time::Duration;
