@@ -137,10 +137,16 @@ pub fn waiting_for_room(pod: &Pod) -> bool {
 
 /// More pods shaped like `spec` that fit on the nodes it may land on, less the real pods
 /// (`is_ours` false) that wait for room. Negative when real pods wait and nothing fits.
-pub fn room(spec: &PodSpec, nodes: &[Node], pods: &[Pod], is_ours: impl Fn(&Pod) -> bool) -> i32 {
+/// `pods` may be owned or shared (`Arc<Pod>`, as the controller's cache hands them out).
+pub fn room<P: std::borrow::Borrow<Pod>>(
+    spec: &PodSpec,
+    nodes: &[Node],
+    pods: &[P],
+    is_ours: impl Fn(&Pod) -> bool,
+) -> i32 {
     let want = requests(spec);
     let mut used: BTreeMap<&str, Resources> = BTreeMap::new();
-    for pod in pods.iter().filter(|p| active(p)) {
+    for pod in pods.iter().map(|p| p.borrow()).filter(|p| active(p)) {
         let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) else {
             continue;
         };
@@ -173,6 +179,7 @@ pub fn room(spec: &PodSpec, nodes: &[Node], pods: &[Pod], is_ours: impl Fn(&Pod)
     }
     let waiting = pods
         .iter()
+        .map(|p| p.borrow())
         .filter(|p| waiting_for_room(p) && !is_ours(p))
         .count() as i64;
     (fit - waiting).clamp(i32::MIN as i64, i32::MAX as i64) as i32

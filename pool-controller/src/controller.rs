@@ -1,22 +1,22 @@
-//! The reconciler: one pass per WarmPool looks at the cluster afresh (the pool, its
-//! Configuration's latest ready Revision, that Revision's ReplicaSet and Deployment, the
-//! pool's pods and the revision's pods), plans with [`crate::plan`], acts, and writes the
-//! status with server-side apply. State lives in the cluster only, so a restart at any point
-//! re-derives it.
+//! The reconciler: one pass per WarmPool looks at the cluster through the caches of
+//! [`crate::cache`] (the pool, its Configuration's latest ready Revision, that Revision's
+//! ReplicaSet and Deployment, the pool's pods and the revision's pods), plans with
+//! [`crate::plan`], acts, and writes the status with server-side apply. Reads come from the
+//! caches, so the only API calls of a pass are its writes; state lives in the cluster only,
+//! so a restart at any point re-derives it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{Node, Pod, PodTemplateSpec};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
 use kinfer_core::warmpool::{
     Condition, POOL_CONTROLLER_MANAGER, ScaleUp, Sizing, WarmPool, WarmPoolStatus,
 };
 use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
-    PatchParams, PostParams,
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
 };
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -25,12 +25,13 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::{self, Caches, Expect, Expectations, Listed, Writers, Written};
 use crate::capacity;
 use crate::metrics::Metrics;
 use crate::names::*;
 use crate::plan::{Plan, plan};
 use crate::pod::{PodView, PoolState, Target, handoff_patch, open_gate_patch, warm_pod};
-use crate::sidecar::{SidecarVerifier, private_service_host};
+use crate::sidecar::{SidecarError, SidecarVerifier, private_service_host};
 use crate::sizing;
 
 /// Fault injection for the crash-safety tests: with `KINFER_POOL_CRASH_AFTER=<step>` the
@@ -73,6 +74,13 @@ pub struct Context {
     pub verifier: Arc<dyn SidecarVerifier>,
     /// Load time assumed for a revision until the pool has seen one of its pods load.
     pub default_refill: Duration,
+    pub caches: Caches,
+    /// Per pool: the pod writes of its last pass, for the next pass to see in the cache.
+    expectations: Expectations,
+    /// ReplicaSets and nodes, which the controller lists rather than watches.
+    listed: Listed,
+    /// Per pool: the status this process last wrote.
+    written: Written,
     /// Per pool: when warm pod-seconds were last counted, and how many loaded pods there were.
     held: Mutex<HashMap<String, (Instant, i32)>>,
 }
@@ -83,6 +91,7 @@ impl Context {
         metrics: Metrics,
         verifier: Arc<dyn SidecarVerifier>,
         default_refill: Duration,
+        caches: Caches,
     ) -> Self {
         let recorder = Recorder::new(
             client.clone(),
@@ -97,8 +106,20 @@ impl Context {
             metrics,
             verifier,
             default_refill,
+            caches,
+            expectations: Expectations::default(),
+            listed: Listed::default(),
+            written: Written::default(),
             held: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Drops what is remembered about a pool that is gone.
+    fn forget(&self, key: &str) {
+        self.expectations.forget(key);
+        self.listed.forget(key);
+        self.written.forget(key);
+        self.held.lock().unwrap().remove(key);
     }
 }
 
@@ -130,67 +151,51 @@ struct Found {
     template: PodTemplateSpec,
 }
 
+/// The revision's current ReplicaSet (remembered, see [`Listed::replica_set`]) and the
+/// replicas its Deployment asks for, from the cache: the Deployment's replicas move first
+/// when the KPA scales; the ReplicaSet's follow.
 async fn find_target(
-    client: &kube::Client,
+    ctx: &Context,
+    key: &str,
     ns: &str,
     revision: &str,
 ) -> kube::Result<Option<Found>> {
-    let sets: Api<ReplicaSet> = Api::namespaced(client.clone(), ns);
-    let list = sets
-        .list(&ListParams::default().labels(&format!("{REVISION_LABEL}={revision}")))
-        .await?;
-    let deployment_revision = |rs: &ReplicaSet| {
-        rs.annotations()
-            .get(DEPLOYMENT_REVISION_ANNOTATION)
-            .and_then(|v| v.parse::<i64>().ok())
-            .unwrap_or(0)
-    };
-    let Some(rs) = list
-        .items
-        .into_iter()
-        .filter(|rs| rs.metadata.deletion_timestamp.is_none())
-        .max_by_key(deployment_revision)
+    let deployment = ctx.caches.revision_deployment(ns, revision);
+    let Some(set) = ctx
+        .listed
+        .replica_set(&ctx.client, key, ns, revision, deployment.as_deref())
+        .await?
     else {
         return Ok(None);
     };
-    let labels = rs.labels();
-    let (Some(uid), Some(hash)) = (
-        labels.get(REVISION_UID_LABEL).cloned(),
-        labels.get(POD_TEMPLATE_HASH_LABEL).cloned(),
-    ) else {
-        return Ok(None);
+    let deployment = match &set.deployment {
+        Some(name) if deployment.as_ref().is_none_or(|d| &d.name_any() != name) => ctx
+            .caches
+            .deployments
+            .get(&ObjectRef::<Deployment>::new(name).within(ns)),
+        _ => deployment,
     };
-    let Some(template) = rs.spec.template.clone() else {
-        return Ok(None);
+    let replicas = match deployment {
+        Some(d) => d.spec.replicas.unwrap_or(1),
+        None => set.replicas,
     };
-    // The Deployment's replicas move first when the KPA scales; the ReplicaSet's follow.
-    let mut replicas = rs.spec.replicas.unwrap_or(0);
-    if let Some(owner) = rs
-        .owner_references()
-        .iter()
-        .find(|o| o.kind == "Deployment" && o.controller == Some(true))
-    {
-        let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-        if let Some(d) = deployments.get_opt(&owner.name).await? {
-            replicas = d.spec.replicas.unwrap_or(1);
-        }
-    }
     Ok(Some(Found {
         target: Target {
             revision: revision.to_string(),
-            revision_uid: uid,
-            template_hash: hash,
+            revision_uid: set.revision_uid.clone(),
+            template_hash: set.template_hash.clone(),
             replicas,
         },
-        template,
+        template: set.template.clone(),
     }))
 }
 
 /// Typical time from creating a pool pod to its containers being ready, from the pods seen.
-fn observed_refill(pods: &[Pod]) -> Option<f64> {
+fn observed_refill<P: std::borrow::Borrow<Pod>>(pods: &[P]) -> Option<f64> {
     let mut samples: Vec<f64> = pods
         .iter()
         .filter_map(|p| {
+            let p: &Pod = p.borrow();
             let created =
                 p.metadata.creation_timestamp.as_ref()?.0.as_millisecond() as f64 / 1000.0;
             let ready = p
@@ -236,22 +241,81 @@ fn condition(
     }
 }
 
+/// What became of a handed-off pod's served gate.
+enum Gate {
+    /// Opened: the pod turns Ready now.
+    Open(Pod),
+    /// The sidecar does not serve the revision yet; the gate stays closed.
+    Closed(Pod, SidecarError),
+    /// The pod is gone.
+    Gone,
+}
+
+/// Verifies that a handed-off pod's sidecar serves the revision, then opens its served gate.
+async fn let_serve(
+    ctx: &Context,
+    pods: &Api<Pod>,
+    target: &Target,
+    host: &str,
+    pod: Pod,
+    started: Instant,
+) -> kube::Result<Gate> {
+    if let Err(e) = ctx.verifier.verify(&pod, host).await {
+        return Ok(Gate::Closed(pod, e));
+    }
+    let message = format!(
+        "serves revision {} ({} mesh)",
+        target.revision,
+        ctx.verifier.name()
+    );
+    let patch = open_gate_patch(&rfc3339(jiff::Timestamp::now()), &message);
+    match pods
+        .patch_status(
+            &pod.name_any(),
+            &PatchParams::default(),
+            &Patch::Strategic(patch),
+        )
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(
+                pod = %pod.name_any(),
+                pass_ms = started.elapsed().as_millis() as u64,
+                "opened the served gate"
+            );
+            Ok(Gate::Open(pod))
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(Gate::Gone),
+        Err(e) => Err(e),
+    }
+}
+
 #[tracing::instrument(skip_all, fields(pool = %cached.name_any(), namespace = cached.namespace().unwrap_or_default()))]
 pub async fn reconcile(cached: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
     let ns = cached.namespace().ok_or(Error::NoNamespace)?;
     let name = cached.name_any();
+    let key = format!("{ns}/{name}");
     let client = &ctx.client;
-    let pools: Api<WarmPool> = Api::namespaced(client.clone(), &ns);
-    // Read afresh: the counters in the status must build on the last write, not the cache.
-    let Some(pool) = pools.get_opt(&name).await? else {
+    if !ctx.caches.synced().await {
+        return Ok(Action::await_change());
+    }
+    // The pool as the cache has it now (the trigger's copy may be older).
+    let Some(pool) = ctx.caches.pools.get(&ObjectRef::from_obj(cached.as_ref())) else {
+        ctx.forget(&key);
         return Ok(Action::await_change());
     };
     if pool.metadata.deletion_timestamp.is_some() {
         // Warm pods carry an owner reference to the pool: the garbage collector removes
         // them; handed-off pods carry none and stay with their revision.
+        ctx.forget(&key);
         return Ok(Action::await_change());
     }
-    let status = pool.status.clone().unwrap_or_default();
+    let uid = pool.metadata.uid.clone().unwrap_or_default();
+    // The counters build on this process's last status write, which the cache may not show
+    // yet; the pods must show the last pass's writes before this pass plans.
+    let status = ctx.written.status(&key, &uid, pool.status.as_ref());
+    let waited = ctx.expectations.settle(&key, &ns, &ctx.caches).await;
     let reference = pool.object_ref(&());
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let now_ts = jiff::Timestamp::now();
@@ -259,11 +323,13 @@ pub async fn reconcile(cached: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Actio
     let now_str = rfc3339(now_ts);
 
     // The Configuration's latest ready Revision.
-    let configurations: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), &ns, &configuration_resource());
-    let configuration = configurations
-        .get_opt(&pool.spec.configuration_ref.name)
-        .await?;
+    let configuration = ctx.caches.configurations.get(
+        &ObjectRef::<DynamicObject>::new_with(
+            &pool.spec.configuration_ref.name,
+            configuration_resource(),
+        )
+        .within(&ns),
+    );
     let latest = configuration.as_ref().and_then(|c| {
         c.data
             .pointer("/status/latestReadyRevisionName")
@@ -271,27 +337,20 @@ pub async fn reconcile(cached: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Actio
             .map(str::to_string)
     });
     let found = match &latest {
-        Some(rev) => find_target(client, &ns, rev).await?,
+        Some(rev) => find_target(&ctx, &key, &ns, rev).await?,
         None => None,
     };
     let target = found.as_ref().map(|f| &f.target);
 
-    let pool_pods = pods
-        .list(&ListParams::default().labels(&format!("{POOL_LABEL}={name}")))
-        .await?
-        .items;
+    let pool_pods = ctx.caches.pods_labeled(&ns, POOL_LABEL, &name);
     let revision_pods = match target {
-        Some(t) => {
-            pods.list(
-                &ListParams::default().labels(&format!("{REVISION_UID_LABEL}={}", t.revision_uid)),
-            )
-            .await?
-            .items
-        }
+        Some(t) => ctx
+            .caches
+            .pods_labeled(&ns, REVISION_UID_LABEL, &t.revision_uid),
         None => Vec::new(),
     };
-    let pool_views: Vec<PodView> = pool_pods.iter().map(PodView::from_pod).collect();
-    let revision_views: Vec<PodView> = revision_pods.iter().map(PodView::from_pod).collect();
+    let pool_views: Vec<PodView> = pool_pods.iter().map(|p| PodView::from_pod(p)).collect();
+    let revision_views: Vec<PodView> = revision_pods.iter().map(|p| PodView::from_pod(p)).collect();
 
     // Scale-ups since the last look (only when the pool already watched this revision).
     let mut scale_ups: Vec<sizing::ScaleUp> = status
@@ -325,10 +384,8 @@ pub async fn reconcile(cached: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Actio
         .count() as i32;
     let room = match (pool.spec.sizing, &found) {
         (Sizing::Predictive, Some(f)) => {
-            let nodes: Api<Node> = Api::all(client.clone());
-            let all_pods: Api<Pod> = Api::all(client.clone());
-            let nodes = nodes.list(&ListParams::default()).await?.items;
-            let everything = all_pods.list(&ListParams::default()).await?.items;
+            let nodes = ctx.listed.nodes(client).await?;
+            let everything = ctx.caches.pods.state();
             let spec = f.template.spec.clone().unwrap_or_default();
             Some(capacity::room(&spec, &nodes, &everything, |p| {
                 p.labels().get(STATE_LABEL).map(String::as_str) == Some(STATE_WARM)
@@ -359,7 +416,7 @@ pub async fn reconcile(cached: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Actio
 
     let Plan {
         handoff,
-        mut open_gate,
+        open_gate,
         delete,
         create,
         unmet,
@@ -374,71 +431,90 @@ pub async fn reconcile(cached: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Actio
         load_seconds,
     );
 
-    // 1. Hand off: latency matters most here.
-    let mut handed = 0;
+    // 1 and 2. Hand off (one patch per pod, guarded by its resourceVersion), then let each
+    // handed-off pod serve once its sidecar serves the revision. Pod by pod and all at once,
+    // so that no pod's gate waits for another pod's patch: latency matters most here.
+    let mut handed: Vec<String> = Vec::new();
     let mut conflicts = 0;
-    if let Some(t) = target {
-        for p in &handoff {
-            let patch = handoff_patch(&p.resource_version, t, &precise(now_ts));
-            match pods
-                .patch(&p.name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                Ok(pod) => {
-                    handed += 1;
-                    tracing::info!(pod = %p.name, revision = %t.revision, "handed off");
-                    open_gate.push(PodView::from_pod(&pod));
-                }
-                Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {
-                    // The pod changed since we looked: look again.
-                    conflicts += 1;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-    if handed > 0 {
-        crash_point("handoff");
-    }
-
-    // 2. Let handed-off pods serve once their sidecar serves the revision.
     let mut sidecar_error = None;
+    let mut gates_tried = false;
     if let Some(t) = target {
         let host = private_service_host(&t.revision, &ns);
-        let checks = open_gate.iter().map(|p| {
-            let pods = pods.clone();
-            let host = host.clone();
-            let ctx = ctx.clone();
+        let handoff_time = precise(now_ts);
+        let (ctx, pods, host, key) = (&ctx, &pods, &host, &key);
+        let handoffs = handoff.iter().map(|p| {
+            let patch = handoff_patch(&p.resource_version, t, &handoff_time);
             async move {
-                let pod = pods.get_opt(&p.name).await?;
-                let Some(pod) = pod else {
-                    return Ok::<_, kube::Error>(None);
-                };
-                match ctx.verifier.verify(&pod, &host).await {
-                    Ok(()) => {
-                        let message = format!(
-                            "serves revision {} ({} mesh)",
-                            t.revision,
-                            ctx.verifier.name()
+                let sent_ms = started.elapsed().as_millis() as u64;
+                match pods
+                    .patch(&p.name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
+                    Ok(pod) => {
+                        ctx.expectations.record(
+                            key,
+                            vec![Expect::Changed {
+                                name: p.name.clone(),
+                                uid: p.uid.clone(),
+                                from: p.resource_version.clone(),
+                            }],
                         );
-                        pods.patch_status(
-                            &p.name,
-                            &PatchParams::default(),
-                            &Patch::Strategic(open_gate_patch(
-                                &rfc3339(jiff::Timestamp::now()),
-                                &message,
-                            )),
-                        )
-                        .await?;
-                        Ok(Some(Ok(pod)))
+                        tracing::info!(
+                            pod = %p.name,
+                            revision = %t.revision,
+                            waited_ms = waited.as_millis() as u64,
+                            sent_ms,
+                            pass_ms = started.elapsed().as_millis() as u64,
+                            "handed off"
+                        );
+                        crash_point("handoff");
+                        let gate = let_serve(ctx, pods, t, host, pod, started).await?;
+                        Ok::<_, kube::Error>(Some((p.name.clone(), gate)))
                     }
-                    Err(e) => Ok(Some(Err((pod, e)))),
+                    Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {
+                        // The pod changed since the cache saw it: look again.
+                        Ok(None)
+                    }
+                    Err(e) => Err(e),
                 }
             }
         });
-        for result in futures::future::join_all(checks).await {
-            match result? {
-                Some(Ok(pod)) => {
+        // Handed off by an earlier pass (or process) with the gate still closed.
+        let earlier = open_gate.iter().filter_map(|v| {
+            let pod = ctx.caches.pod(&ns, &v.name)?;
+            Some(let_serve(ctx, pods, t, host, (*pod).clone(), started))
+        });
+        gates_tried = !open_gate.is_empty();
+        let (handoffs, earlier) = futures::join!(
+            futures::future::join_all(handoffs),
+            futures::future::join_all(earlier)
+        );
+        let mut failed = None;
+        let mut gates = Vec::new();
+        for result in handoffs {
+            match result {
+                Ok(Some((pod, gate))) => {
+                    handed.push(pod);
+                    gates.push(gate);
+                }
+                Ok(None) => conflicts += 1,
+                Err(e) => failed = Some(e),
+            }
+        }
+        for result in earlier {
+            match result {
+                Ok(gate) => gates.push(gate),
+                Err(e) => failed = Some(e),
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+        gates_tried |= !handed.is_empty();
+        for gate in gates {
+            match gate {
+                Gate::Gone => {}
+                Gate::Open(pod) => {
                     let since = pod
                         .annotations()
                         .get(HANDOFF_TIME_ANNOTATION)
@@ -453,10 +529,10 @@ pub async fn reconcile(cached: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Actio
                             .observe(secs);
                     }
                 }
-                Some(Err((pod, e))) => {
+                Gate::Closed(pod, e) => {
                     tracing::warn!(pod = %pod.name_any(), error = %e, "sidecar does not serve the revision yet");
                     publish(
-                        &ctx,
+                        ctx,
                         &reference,
                         EventType::Warning,
                         e.reason(),
@@ -466,27 +542,22 @@ pub async fn reconcile(cached: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Actio
                     .await;
                     sidecar_error = Some(e);
                 }
-                None => {}
             }
         }
     }
-    if !open_gate.is_empty() {
+    if gates_tried {
         crash_point("gate");
     }
-    if handed > 0 {
+    let handed_count = handed.len();
+    if handed_count > 0 {
         ctx.metrics
             .handoffs
             .with_label_values(&[&ns, &name])
-            .inc_by(handed as u64);
+            .inc_by(handed_count as u64);
         ctx.metrics
             .hits
             .with_label_values(&[&ns, &name])
-            .inc_by(handed as u64);
-        let names: Vec<&str> = handoff
-            .iter()
-            .take(handed)
-            .map(|p| p.name.as_str())
-            .collect();
+            .inc_by(handed_count as u64);
         publish(
             &ctx,
             &reference,
@@ -495,14 +566,14 @@ pub async fn reconcile(cached: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Actio
             "Handoff",
             format!(
                 "handed {} warm pod(s) to revision {}: {}",
-                handed,
+                handed_count,
                 target.map(|t| t.revision.as_str()).unwrap_or_default(),
-                names.join(", ")
+                handed.join(", ")
             ),
         )
         .await;
     }
-    let missed = (grew - handed as i32).max(0).min(unmet);
+    let missed = (grew - handed_count as i32).max(0).min(unmet);
     if missed > 0 {
         ctx.metrics
             .misses
@@ -524,11 +595,23 @@ pub async fn reconcile(cached: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Actio
 
     // 3. Shrink and refill.
     for pod_name in &delete {
+        let uid = pool_views
+            .iter()
+            .find(|p| &p.name == pod_name)
+            .map(|p| p.uid.clone())
+            .unwrap_or_default();
         match pods.delete(pod_name, &DeleteParams::default()).await {
             Ok(_) => tracing::info!(pod = %pod_name, "deleted warm pod"),
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => return Err(e.into()),
         }
+        ctx.expectations.record(
+            &key,
+            vec![Expect::Deleted {
+                name: pod_name.clone(),
+                uid,
+            }],
+        );
     }
     if let (Some(f), true) = (&found, create > 0) {
         let owner = pool
@@ -536,7 +619,13 @@ pub async fn reconcile(cached: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Actio
             .expect("a stored pool has a uid");
         let pod = warm_pod(&f.template, &f.target, &name, owner);
         for _ in 0..create {
-            pods.create(&PostParams::default(), &pod).await?;
+            let made = pods.create(&PostParams::default(), &pod).await?;
+            ctx.expectations.record(
+                &key,
+                vec![Expect::Created {
+                    name: made.name_any(),
+                }],
+            );
         }
         tracing::info!(count = create, revision = %f.target.revision, "created warm pods");
         crash_point("create");
@@ -668,7 +757,7 @@ pub async fn reconcile(cached: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Actio
         ready_replicas: Some(ready_after),
         replicas: Some(warm_after + create),
         desired_replicas: Some(decision.desired),
-        handoffs: Some(status.handoffs.unwrap_or(0) + handed as i64),
+        handoffs: Some(status.handoffs.unwrap_or(0) + handed_count as i64),
         misses: Some(status.misses.unwrap_or(0) + missed as i64),
         observed_revision_replicas: target.map(|t| t.replicas),
         scale_ups: Some(
@@ -688,18 +777,37 @@ pub async fn reconcile(cached: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Actio
         // Owned by the autoscaler plugin: never part of this manager's apply.
         demand_forecast: None,
     };
-    let apply = serde_json::json!({
-        "apiVersion": "kinfer.dev/v1alpha1",
-        "kind": "WarmPool",
-        "status": new_status,
+    // Written only when it differs from the cluster's copy (as the cache shows it; a stale
+    // copy costs a write that changes nothing).
+    let in_cluster = pool.status.clone().map(|s| WarmPoolStatus {
+        demand_forecast: None,
+        ..s
     });
-    pools
-        .patch_status(
-            &name,
-            &PatchParams::apply(POOL_CONTROLLER_MANAGER).force(),
-            &Patch::Apply(&apply),
-        )
-        .await?;
+    if in_cluster.as_ref() != Some(&new_status) {
+        let apply = serde_json::json!({
+            "apiVersion": "kinfer.dev/v1alpha1",
+            "kind": "WarmPool",
+            "status": new_status,
+        });
+        let pools: Api<WarmPool> = Api::namespaced(client.clone(), &ns);
+        pools
+            .patch_status(
+                &name,
+                &PatchParams::apply(POOL_CONTROLLER_MANAGER).force(),
+                &Patch::Apply(&apply),
+            )
+            .await?;
+    }
+    ctx.written.record(&key, &uid, new_status);
+    ctx.metrics
+        .reconcile_seconds
+        .observe(started.elapsed().as_secs_f64());
+    if waited > Duration::from_millis(50) {
+        tracing::debug!(
+            waited_ms = waited.as_millis() as u64,
+            "waited for the pod cache"
+        );
+    }
 
     let busy = conflicts > 0
         || sidecar_error.is_some()
@@ -746,13 +854,14 @@ pub fn error_policy(_pool: Arc<WarmPool>, error: &Error, ctx: Arc<Context>) -> A
     }))
 }
 
-/// Runs the controller until `stop` fires. `synced` is called once the pools' cache has
-/// done its first list.
+/// Runs the controller until `stop` fires. The watches that trigger reconciles also fill the
+/// caches of `ctx` (`writers` are their write halves); each cache's readiness gate opens when
+/// its first list is in, and no pass runs before all are.
 pub async fn run(
     ctx: Arc<Context>,
+    writers: Writers,
     namespace: Option<String>,
     stop: CancellationToken,
-    synced: impl FnOnce() + Send + 'static,
 ) {
     let client = ctx.client.clone();
     fn api<K>(client: &kube::Client, ns: &Option<String>) -> Api<K>
@@ -764,24 +873,39 @@ pub async fn run(
             None => Api::all(client.clone()),
         }
     }
-    let controller = Controller::new(
-        api::<WarmPool>(&client, &namespace),
-        watcher::Config::default(),
+    // Lists come from the API server's watch cache; a watch resumes from there anyway.
+    let config = || watcher::Config::default().any_semantic();
+    let pools = cache::reflect(
+        writers.pools,
+        watcher(api::<WarmPool>(&client, &namespace), config()),
     );
-    let store = controller.store();
-    let wait = store.clone();
-    tokio::spawn(async move {
-        // Re-polled: kube-runtime wakes only one of several waiters on a store (the
-        // controller's own), so a lone wait here could sleep forever.
-        loop {
-            match tokio::time::timeout(Duration::from_millis(200), wait.wait_until_ready()).await {
-                Ok(Ok(())) => return synced(),
-                Ok(Err(_)) => return,
-                Err(_) => {}
-            }
-        }
-    });
-    let by_configuration = move |ns: Option<String>, configuration: Option<String>| {
+    // Every pod, in every namespace: the capacity cap counts what all nodes run.
+    let pods = cache::reflect(
+        writers.pods,
+        watcher(Api::<Pod>::all(client.clone()), config()),
+    );
+    let deployments = cache::reflect(
+        writers.deployments,
+        watcher(
+            api::<Deployment>(&client, &namespace),
+            config().labels(CONFIGURATION_LABEL),
+        ),
+    );
+    let ar = configuration_resource();
+    let configurations = cache::reflect(
+        writers.configurations,
+        watcher(
+            match &namespace {
+                Some(ns) => Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ar),
+                None => Api::<DynamicObject>::all_with(client.clone(), &ar),
+            },
+            config(),
+        ),
+    );
+
+    let store = ctx.caches.pools.clone();
+    let known = store.clone();
+    let by_configuration = move |ns: Option<String>, configuration: Option<&String>| {
         let (Some(ns), Some(configuration)) = (ns, configuration) else {
             return Vec::new();
         };
@@ -790,39 +914,38 @@ pub async fn run(
             .iter()
             .filter(|p| {
                 p.namespace().as_deref() == Some(ns.as_str())
-                    && p.spec.configuration_ref.name == configuration
+                    && &p.spec.configuration_ref.name == configuration
             })
             .map(|p| ObjectRef::from_obj(p.as_ref()))
             .collect::<Vec<_>>()
     };
     let by_configuration2 = by_configuration.clone();
-    let ar = configuration_resource();
-    controller
-        .watches(
-            api::<Pod>(&client, &namespace),
-            watcher::Config::default().labels(POOL_LABEL),
-            |pod: Pod| {
-                let ns = pod.namespace()?;
-                pod.labels()
-                    .get(POOL_LABEL)
-                    .map(|pool| ObjectRef::new(pool).within(&ns))
-            },
-        )
-        .watches(
-            api::<Deployment>(&client, &namespace),
-            watcher::Config::default().labels(CONFIGURATION_LABEL),
-            move |d: Deployment| {
-                by_configuration(d.namespace(), d.labels().get(CONFIGURATION_LABEL).cloned())
-            },
-        )
-        .watches_with(
-            match &namespace {
-                Some(ns) => Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ar),
-                None => Api::<DynamicObject>::all_with(client.clone(), &ar),
-            },
+    let by_configuration3 = by_configuration.clone();
+    Controller::for_stream(pools, ctx.caches.pools.clone())
+        // A pool's own pods, and the revision's (a cold pod that turns Ready changes what
+        // the revision still waits for).
+        .watches_stream(pods, move |pod: Pod| {
+            let labels = pod.labels();
+            match labels.get(POOL_LABEL) {
+                // (The pod cache spans every namespace; the pools may not.)
+                Some(pool) => {
+                    let pool = ObjectRef::new(pool).within(&pod.namespace().unwrap_or_default());
+                    known.get(&pool).map(|_| pool).into_iter().collect()
+                }
+                None if labels.contains_key(REVISION_UID_LABEL) => {
+                    by_configuration(pod.namespace(), labels.get(CONFIGURATION_LABEL))
+                }
+                None => Vec::new(),
+            }
+        })
+        // The KPA scales the Deployment: a scale-up is a handoff.
+        .watches_stream(deployments, move |d: Deployment| {
+            by_configuration2(d.namespace(), d.labels().get(CONFIGURATION_LABEL))
+        })
+        .watches_stream_with(
+            configurations,
+            move |c: DynamicObject| by_configuration3(c.namespace(), c.metadata.name.as_ref()),
             ar,
-            watcher::Config::default(),
-            move |c: DynamicObject| by_configuration2(c.namespace(), c.metadata.name.clone()),
         )
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(reconcile, error_policy, ctx)

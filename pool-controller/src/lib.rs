@@ -4,9 +4,11 @@
 //!
 //! Pure decisions — how a warm pod is built and handed off ([`pod`]), what to do on one look
 //! at the cluster ([`plan`]), how big the pool is ([`sizing`]) and how much room the cluster
-//! has ([`capacity`]) — are free of I/O; [`controller`] does the I/O, [`sidecar`] verifies a
-//! mesh sidecar, [`leader`] makes sure only one replica acts.
+//! has ([`capacity`]) — are free of I/O; [`controller`] does the I/O, reading the cluster
+//! through the watch-fed caches of [`cache`]; [`sidecar`] verifies a mesh sidecar,
+//! [`leader`] makes sure only one replica acts.
 
+pub mod cache;
 pub mod capacity;
 pub mod controller;
 pub mod leader;
@@ -138,7 +140,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         duration: Duration::from_secs(args.lease_duration_seconds.max(1)),
     };
     let stop = runtime.shutdown.token();
-    let synced = runtime.admin.readiness.gate("warmpools");
+    // Registered before the Lease is held: /readyz stays red on a standby replica and until
+    // every cache has synced.
+    let (caches, writers) = cache::Caches::new(
+        &controller::configuration_resource(),
+        &runtime.admin.readiness,
+    );
     if elector.acquire(&stop).await {
         let lost = stop.child_token();
         let holder = tokio::spawn({
@@ -151,12 +158,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             metrics,
             verifier,
             Duration::from_secs(args.default_load_seconds),
+            caches,
         ));
         // Stop acting when shutting down or when the lease is lost.
-        controller::run(ctx, args.namespace.clone(), lost.clone(), move || {
-            synced.open()
-        })
-        .await;
+        controller::run(ctx, writers, args.namespace.clone(), lost.clone()).await;
         if !stop.is_cancelled() {
             // Lost the lease: exit so that the replacement starts from the cluster's state.
             runtime.shutdown.trigger();

@@ -2,7 +2,7 @@
 //! are served as `kinfer_pool_controller_*`).
 
 use prometheus::{
-    CounterVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    CounterVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
 
 #[derive(Clone)]
@@ -16,6 +16,8 @@ pub struct Metrics {
     /// From the handoff patch to the pod's served gate opening (then it is Ready).
     pub handoff_to_ready: HistogramVec,
     pub reconcile_errors: IntCounterVec,
+    /// How long a pass takes (all of it: handoffs, gates, refill, status).
+    pub reconcile_seconds: Histogram,
 }
 
 impl Metrics {
@@ -63,6 +65,13 @@ impl Metrics {
                 Opts::new("reconcile_errors_total", "Failed reconciles by error kind"),
                 &["kind"],
             )?,
+            reconcile_seconds: Histogram::with_opts(
+                HistogramOpts::new("reconcile_seconds", "Time a reconcile pass takes").buckets(
+                    vec![
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    ],
+                ),
+            )?,
         };
         registry.register(Box::new(m.handoffs.clone()))?;
         registry.register(Box::new(m.hits.clone()))?;
@@ -72,6 +81,7 @@ impl Metrics {
         registry.register(Box::new(m.desired_pods.clone()))?;
         registry.register(Box::new(m.handoff_to_ready.clone()))?;
         registry.register(Box::new(m.reconcile_errors.clone()))?;
+        registry.register(Box::new(m.reconcile_seconds.clone()))?;
         Ok(m)
     }
 }

@@ -8,7 +8,9 @@
 //! trials' scale-ups then run one at a time (so they time the handoff, not a control plane
 //! busy with forty scale-ups) while the cold ones run together; times are taken from watch
 //! events as they arrive here. `KINFER_POOL_BENCH_TRIALS` sets the trials per case
-//! (default 10). Prints p50/p95 per case and the cold/warm ratio.
+//! (default 10). Prints each trial (with the wall-clock time its pod turned Ready, to read
+//! against the controller's log: `handed off … sent_ms/pass_ms`, `opened the served gate`),
+//! then p50/p95 per case and the cold/warm ratio.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -157,6 +159,11 @@ async fn trial(
     .await;
     feeding.cancel();
     let elapsed = result.map_err(|_| anyhow::anyhow!("{tag}: no new Ready pod within 120 s"))??;
+    // With the wall-clock time, to read against the controller's log.
+    eprintln!(
+        "{tag} ({ns}): {elapsed:?}, Ready at {}",
+        k8s_openapi::jiff::Timestamp::now()
+    );
     let _ = client; // namespaces are left for post-mortems; the cluster is torn down after
     Ok(elapsed)
 }

@@ -474,7 +474,12 @@ async fn a_controller_killed_between_handoff_steps_recovers() -> anyhow::Result<
         })
         .await
         .map_err(|e| e.context(format!("after a crash at {step}")))?;
-        wait_pool(&pools, "crash", |s| s.ready_replicas == Some(1)).await?;
+        // A status written after the restart (the one before the crash also says one loaded
+        // warm pod, but had not seen the revision scale up yet).
+        wait_pool(&pools, "crash", |s| {
+            s.ready_replicas == Some(1) && s.observed_revision_replicas == Some(1)
+        })
+        .await?;
         let all = pods(&client, &ns, "kinfer.dev/warmpool").await?;
         assert_no_half_handoffs(&all);
         let warm_now = warm_pods(&client, &ns, "crash").await?;
