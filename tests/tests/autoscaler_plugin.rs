@@ -112,7 +112,7 @@ async fn requests_mode_scales_the_revision_and_leaves_others_alone() -> anyhow::
         .await
         .with_context(|| format!("plugin log: {}", plugin.log.display()))?;
     eprintln!(
-        "reaction: load step 14 → 35 at the source to {driven_dep} replicas 5 in {up:.2?} (Prometheus scrape 1s, plugin interval 1s)"
+        "reaction: load step 14 → 35 at the source to {driven_dep} replicas 5 in {up:.2?} (Prometheus scrape 1 s)"
     );
     // Held while the load lasts.
     tokio::time::sleep(Duration::from_secs(5)).await;
