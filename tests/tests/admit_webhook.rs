@@ -292,7 +292,63 @@ async fn a_handler_pod_gets_the_wrapper() -> anyhow::Result<()> {
     // No GPU for a CPU handler.
     assert_eq!(limit(user, "nvidia.com/gpu"), None);
     assert_eq!(spec.runtime_class_name, None);
+
+    // The init container is there once, with the API token mounted once, as the
+    // ServiceAccount plugin mounted it into the other containers: the webhook gave it the
+    // plugin's mount, so the plugin's rerun after the patch changed nothing and the apiserver
+    // called the webhook once for this Pod (no IfNeeded reinvocation).
+    let names = init_container_names(&pod);
+    assert_eq!(
+        names
+            .iter()
+            .filter(|n| *n == "kinfer-wrapper-install")
+            .count(),
+        1,
+        "{names:?}"
+    );
+    let token = |c: &Container| {
+        c.volume_mounts
+            .iter()
+            .flatten()
+            .filter(|m| m.mount_path == TOKEN_PATH)
+            .map(|m| m.name.clone())
+            .collect::<Vec<_>>()
+    };
+    let user_token = token(user);
+    assert_eq!(user_token.len(), 1, "{user_token:?}");
+    assert_eq!(token(init), user_token);
+    // One Pod, one call.
+    let calls = webhook_calls(&ns, "mutate-pods")?;
+    assert_eq!(
+        calls.len(),
+        1,
+        "the apiserver called the webhook {} times for the one Pod:\n{}",
+        calls.len(),
+        calls.join("\n")
+    );
     Ok(())
+}
+
+const TOKEN_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// The webhook's log lines (one per call it answered) for objects in `ns`, from the log that
+/// `hack/with-cluster` keeps for it.
+fn webhook_calls(ns: &str, webhook: &str) -> anyhow::Result<Vec<String>> {
+    use anyhow::Context as _;
+    let dir = std::env::var("KINFER_CLUSTER_DIR")
+        .context("KINFER_CLUSTER_DIR is not set: run under hack/with-cluster --kinfer")?;
+    let path = std::path::Path::new(&dir).join("logs/kinfer-webhook.log");
+    let log = std::fs::read_to_string(&path).with_context(|| format!("reading {path:?}"))?;
+    let ns_field = [format!("namespace={ns} "), format!("namespace=\"{ns}\"")];
+    Ok(log
+        .lines()
+        .filter(|l| {
+            l.contains(&format!("webhook=\"{webhook}\""))
+                || l.contains(&format!("webhook={webhook} "))
+        })
+        .filter(|l| ns_field.iter().any(|f| l.contains(f.as_str())))
+        .map(str::to_string)
+        .collect())
 }
 
 #[tokio::test]

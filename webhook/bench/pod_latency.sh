@@ -17,17 +17,37 @@ if [[ ${1:-} == --inside ]]; then
   if [[ ${KINFER_BENCH_DEBUG_WEBHOOK:-} != 1 ]]; then
     kill "$KINFER_WEBHOOK_PID"
     while kill -0 "$KINFER_WEBHOOK_PID" 2>/dev/null; do sleep 0.1; done
+    log=$KINFER_CLUSTER_DIR/logs/kinfer-webhook-release.log
     "$root/target/release/kinfer-webhook" --namespace kinfer-system --listen 10.255.255.1:9443 \
-      --admin-addr 127.0.0.1:9401 >"$KINFER_CLUSTER_DIR/logs/kinfer-webhook-release.log" 2>&1 &
+      --admin-addr 127.0.0.1:9401 --log info,kinfer_webhook::server=debug >"$log" 2>&1 &
     trap 'kill $!' EXIT
     for _ in $(seq 150); do curl -sf 127.0.0.1:9401/readyz >/dev/null && break; sleep 0.2; done
     echo "webhook: release build"
   else
+    log=$KINFER_CLUSTER_DIR/logs/kinfer-webhook.log
     echo "webhook: debug build"
   fi
   "$exe" "$n"
   echo "the webhook's own view (all admissions, warm-up included):"
   metrics | sed 's/^/  /'
+  echo "  TLS connections accepted (client's ALPN choice): $(grep -c 'TLS connection' "$log" || true)" \
+    "$(grep -o 'alpn=[^ ]*' "$log" | sort | uniq -c | tr -s ' ' | tr '\n' ' ')"
+  # The apiserver's view: its mean time per call of the Pod webhook (request encoding, the
+  # call, patch decoding and application) and per Pod create (warm-up and the namespace's own
+  # Pods included).
+  kubectl get --raw /metrics >"$KINFER_CLUSTER_DIR/apiserver-metrics.txt"
+  awk '
+    /^apiserver_admission_webhook_admission_duration_seconds_(sum|count)\{name="pods.kinfer.dev",operation="CREATE"/ {
+      if ($1 ~ /_sum/) ws += $2; else wc += $2 }
+    /^apiserver_request_duration_seconds_(sum|count)\{.*resource="pods",scope="resource",subresource="",verb="POST"/ {
+      if ($1 ~ /_sum/) ps += $2; else pc += $2 }
+    END {
+      printf "the apiserver'"'"'s view:\n  pods.kinfer.dev: %d calls, mean %.2f ms per call\n", wc, wc ? ws / wc * 1000 : 0
+      printf "  POST pods: %d, mean %.2f ms (all variants)\n", pc, pc ? ps / pc * 1000 : 0
+    }' "$KINFER_CLUSTER_DIR/apiserver-metrics.txt"
+  if [[ -n ${KINFER_BENCH_APISERVER_METRICS:-} ]]; then
+    cp "$KINFER_CLUSTER_DIR/apiserver-metrics.txt" "$KINFER_BENCH_APISERVER_METRICS"
+  fi
   exit 0
 fi
 

@@ -272,7 +272,10 @@ impl Admission {
                 uid = %request.uid, webhook = name, operation, kind, namespace, object,
                 operations = patch.0.len(), warnings = ?verdict.warnings, "patched"
             ),
-            (None, None) => tracing::debug!(
+            // Info like the others: only kinfer objects reach the webhook, and one line per
+            // call lets an operator (and the admit_webhook test) see every call the apiserver
+            // makes, reinvocations included.
+            (None, None) => tracing::info!(
                 uid = %request.uid, webhook = name, operation, kind, namespace, object,
                 result = verdict.result, warnings = ?verdict.warnings, "allowed"
             ),
@@ -368,6 +371,14 @@ fn mutate_pod(request: &AdmissionRequest<DynamicObject>, config: &KinferConfig) 
         Ok(p) => p,
         Err(errors) => return Verdict::deny(format!("kinfer: {errors}"), Vec::new()),
     };
+    // Nothing to place (e.g. `accelerator: cpu` alone): answer without decoding the whole Pod,
+    // which is most of the handler's time for a Pod it leaves alone.
+    if spec.is_noop() {
+        return Verdict {
+            warnings,
+            ..Verdict::allow()
+        };
+    }
     let pod: Pod = match serde_json::to_value(object).and_then(serde_json::from_value) {
         Ok(p) => p,
         Err(e) => return Verdict::deny(format!("kinfer: the Pod does not decode: {e}"), warnings),

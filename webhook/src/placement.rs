@@ -17,7 +17,9 @@
 //! - Wrapper (`handler`): an init container copies the wrapper from the wrapper image into an
 //!   `emptyDir` (`<wrapper-source> install <path>/bin`), mounted read-only in the user
 //!   container, whose command becomes `<path>/bin/kinfer-wrapper --handler m:f`. Image,
-//!   working directory, env, ports, volumes and probes stay.
+//!   working directory, env, ports, volumes and probes stay. When the ServiceAccount admission
+//!   plugin has mounted the API token into the Pod's containers, the init container gets the
+//!   same mount (see [`service_account_mount`]).
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
@@ -37,6 +39,10 @@ pub const WRAPPER_BINARY: &str = "bin/kinfer-wrapper";
 pub const SIDECARS: &[&str] = &["queue-proxy", "istio-proxy", "linkerd-proxy"];
 const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-container";
 const SERVICE_LABEL: &str = "serving.knative.dev/service";
+/// Where the apiserver's ServiceAccount admission plugin mounts the API token in every
+/// container, and the prefix of the projected volume it adds for it (`kube-api-access-xxxxx`).
+pub const SERVICE_ACCOUNT_MOUNT_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+const SERVICE_ACCOUNT_VOLUME_PREFIX: &str = "kube-api-access-";
 
 /// The patch for one Pod and what the user should know about it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -389,12 +395,14 @@ fn wrapper(
         });
     }
     let binary = format!("{install}/{WRAPPER_BINARY}");
+    let mut init_mounts = vec![json!({ "name": WRAPPER_VOLUME, "mountPath": install })];
+    init_mounts.extend(service_account_mount(pod_spec));
     let mut init = json!({
         "name": WRAPPER_INIT_CONTAINER,
         "image": config.wrapper_image,
         // The wrapper image is one static binary (no shell, no cp): it installs itself.
         "command": [config.wrapper_source, "install", format!("{install}/bin")],
-        "volumeMounts": [{ "name": WRAPPER_VOLUME, "mountPath": install }],
+        "volumeMounts": init_mounts,
     });
     // Same security context as the user container, so restricted namespaces admit it.
     if let Some(sc) = &container.security_context {
@@ -442,6 +450,41 @@ fn wrapper(
     add(m, &["spec", "containers", &i, "command"], json!([binary]));
     add(m, &["spec", "containers", &i, "args"], json!(args));
     Ok(())
+}
+
+/// The API-token mount that the ServiceAccount admission plugin would give the init
+/// container, when it has already mounted the token into this Pod.
+///
+/// The apiserver runs that plugin before the webhooks. A webhook patch that changes the Pod
+/// makes it run its in-tree plugins again, and the plugin then mounts the token into every
+/// container that has nothing at [`SERVICE_ACCOUNT_MOUNT_PATH`], our new init container
+/// included. That change in turn makes it call this webhook a second time
+/// (`reinvocationPolicy: IfNeeded`), which cost about as much as the first call
+/// (`bench/pod_latency.sh`: a patched Pod's create took 2.0x that of a Pod outside the
+/// webhook's scope, 1.4x with this mount; see the README). Adding the plugin's own mount here (the first
+/// `kube-api-access-*` volume, read-only, at the token path: `mountServiceAccountToken` in
+/// `plugin/pkg/admission/serviceaccount`) makes its rerun a no-op, so the apiserver calls the
+/// webhook once. The init container gets nothing it would not have had anyway.
+///
+/// Only when some container already mounts that volume at that path, i.e. the plugin has run
+/// with automounting on; with `automountServiceAccountToken: false` it adds nothing, and
+/// neither does this.
+fn service_account_mount(pod_spec: &PodSpec) -> Option<Value> {
+    let volume = pod_spec
+        .volumes
+        .as_deref()?
+        .iter()
+        .find(|v| v.name.starts_with(SERVICE_ACCOUNT_VOLUME_PREFIX))?;
+    let mounted = pod_spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&pod_spec.containers)
+        .flat_map(|c| c.volume_mounts.iter().flatten())
+        .any(|m| m.name == volume.name && m.mount_path == SERVICE_ACCOUNT_MOUNT_PATH);
+    mounted.then(|| {
+        json!({ "name": volume.name, "readOnly": true, "mountPath": SERVICE_ACCOUNT_MOUNT_PATH })
+    })
 }
 
 #[cfg(test)]
@@ -851,6 +894,141 @@ mod tests {
         );
         assert_eq!(pod["spec"]["initContainers"][0]["name"], "istio-init");
         assert_eq!(pod["spec"]["runtimeClassName"], "nvidia");
+    }
+
+    /// What the apiserver's ServiceAccount admission plugin does to a Pod with automounting
+    /// on (`mountServiceAccountToken`, Kubernetes 1.37): the API token mounted into every
+    /// container that has nothing at its path, and the projected volume added if missing.
+    /// Returns whether the Pod changed.
+    fn service_account_plugin(pod: &mut Value) -> bool {
+        let before = pod.clone();
+        let spec = &mut pod["spec"];
+        let volume = spec["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v["name"].as_str())
+            .find(|n| n.starts_with(SERVICE_ACCOUNT_VOLUME_PREFIX))
+            .map(str::to_string);
+        let name = volume
+            .clone()
+            .unwrap_or_else(|| format!("{SERVICE_ACCOUNT_VOLUME_PREFIX}x7k2q"));
+        let mount =
+            json!({"name": name, "readOnly": true, "mountPath": SERVICE_ACCOUNT_MOUNT_PATH});
+        let mut needed = false;
+        for list in ["initContainers", "containers"] {
+            for c in spec[list].as_array_mut().into_iter().flatten() {
+                let has = c["volumeMounts"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|m| m["mountPath"] == SERVICE_ACCOUNT_MOUNT_PATH);
+                if !has {
+                    if c.get("volumeMounts").is_none() {
+                        c["volumeMounts"] = json!([]);
+                    }
+                    c["volumeMounts"]
+                        .as_array_mut()
+                        .unwrap()
+                        .push(mount.clone());
+                    needed = true;
+                }
+            }
+        }
+        if volume.is_none() && needed {
+            if spec.get("volumes").is_none() {
+                spec["volumes"] = json!([]);
+            }
+            spec["volumes"]
+                .as_array_mut()
+                .unwrap()
+                .push(json!({"name": name, "projected": {"defaultMode": 420, "sources": []}}));
+        }
+        *pod != before
+    }
+
+    /// The wrapper's init container gets the API-token mount when the ServiceAccount plugin
+    /// has already run, so the plugin's rerun after the patch changes nothing and the
+    /// apiserver does not call the webhook a second time.
+    #[test]
+    fn service_account_plugin_rerun_is_a_noop_after_wrapper_injection() {
+        let token = |name: &str| json!({"name": name, "readOnly": true, "mountPath": SERVICE_ACCOUNT_MOUNT_PATH});
+        let wrapper_mount = json!({"name": "kinfer-wrapper", "mountPath": "/kinfer"});
+        let admitted = |edit: &dyn Fn(&mut Value)| {
+            let mut pod = knative_pod();
+            edit(&mut pod);
+            service_account_plugin(&mut pod);
+            pod
+        };
+        type Case = (&'static str, Value, Vec<Value>);
+        let cases: Vec<Case> = vec![
+            (
+                "a revision Pod as admitted: token in every container",
+                admitted(&|_| {}),
+                vec![wrapper_mount.clone(), token("kube-api-access-x7k2q")],
+            ),
+            (
+                "another init container (istio-init) already there",
+                admitted(&|p| {
+                    p["spec"]["initContainers"] = json!([{"name": "istio-init", "image": "istio"}])
+                }),
+                vec![wrapper_mount.clone(), token("kube-api-access-x7k2q")],
+            ),
+            (
+                "the user's own token at that path: the plugin's volume still goes to the rest",
+                admitted(&|p| {
+                    p["spec"]["containers"][0]["volumeMounts"] =
+                        json!([{"name": "my-token", "mountPath": SERVICE_ACCOUNT_MOUNT_PATH}]);
+                    p["spec"]["volumes"] =
+                        json!([{"name": "my-token", "secret": {"secretName": "t"}}]);
+                }),
+                vec![wrapper_mount.clone(), token("kube-api-access-x7k2q")],
+            ),
+            (
+                "the volume's generated name is whatever the plugin chose",
+                admitted(&|p| {
+                    p["spec"]["volumes"] =
+                        json!([{"name": "kube-api-access-abcde", "projected": {"sources": []}}]);
+                }),
+                vec![wrapper_mount.clone(), token("kube-api-access-abcde")],
+            ),
+        ];
+        let handler = [("kinfer.dev/handler", "model:predict")];
+        for (what, before, want) in cases {
+            let (mut pod, _) = run(&handler, &KinferConfig::default(), before);
+            let init = &pod["spec"]["initContainers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == WRAPPER_INIT_CONTAINER)
+                .unwrap()
+                .clone();
+            assert_eq!(init["volumeMounts"], json!(want), "{what}");
+            assert!(
+                !service_account_plugin(&mut pod),
+                "{what}: the plugin's rerun changed the Pod"
+            );
+            // And were the webhook called again anyway, it would answer with no patch.
+            let (_, m) = run(&handler, &KinferConfig::default(), pod);
+            assert!(m.patch.is_empty(), "{what}: {:?}", m.patch);
+        }
+
+        // Automounting off: the plugin mounted nothing, so the init container gets no token.
+        let mut off = knative_pod();
+        off["spec"]["automountServiceAccountToken"] = json!(false);
+        let (pod, _) = run(&handler, &KinferConfig::default(), off);
+        assert_eq!(
+            pod["spec"]["initContainers"][0]["volumeMounts"],
+            json!([wrapper_mount.clone()])
+        );
+        // A volume that only looks like the plugin's, mounted nowhere at the token path: no.
+        let mut lookalike = knative_pod();
+        lookalike["spec"]["volumes"] = json!([{"name": "kube-api-access-mine", "emptyDir": {}}]);
+        let (pod, _) = run(&handler, &KinferConfig::default(), lookalike);
+        assert_eq!(
+            pod["spec"]["initContainers"][0]["volumeMounts"],
+            json!([wrapper_mount])
+        );
     }
 
     #[test]

@@ -70,6 +70,10 @@ pub async fn serve_tls<F, R>(
                 Ok(Err(e)) => return tracing::debug!(%peer, "TLS handshake failed: {e}"),
                 Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
             };
+            // Which protocol the client chose, and how often it connects (the apiserver keeps
+            // its connections and speaks h2): `--log info,kinfer_webhook::server=debug`.
+            let alpn = tls.get_ref().1.alpn_protocol().map(String::from_utf8_lossy);
+            tracing::debug!(%peer, alpn = alpn.as_deref().unwrap_or("none"), "TLS connection");
             let conn = builder
                 .serve_connection(TokioIo::new(tls), TowerToHyperService::new(service))
                 .into_owned();
