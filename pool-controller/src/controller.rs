@@ -903,48 +903,30 @@ pub async fn run(
         ),
     );
 
-    let store = ctx.caches.pools.clone();
-    let known = store.clone();
-    let by_configuration = move |ns: Option<String>, configuration: Option<&String>| {
-        let (Some(ns), Some(configuration)) = (ns, configuration) else {
-            return Vec::new();
-        };
-        store
-            .state()
-            .iter()
-            .filter(|p| {
-                p.namespace().as_deref() == Some(ns.as_str())
-                    && &p.spec.configuration_ref.name == configuration
-            })
-            .map(|p| ObjectRef::from_obj(p.as_ref()))
-            .collect::<Vec<_>>()
-    };
-    let by_configuration2 = by_configuration.clone();
-    let by_configuration3 = by_configuration.clone();
+    let (p1, p2, p3) = (
+        ctx.caches.pools.clone(),
+        ctx.caches.pools.clone(),
+        ctx.caches.pools.clone(),
+    );
     Controller::for_stream(pools, ctx.caches.pools.clone())
-        // A pool's own pods, and the revision's (a cold pod that turns Ready changes what
-        // the revision still waits for).
-        .watches_stream(pods, move |pod: Pod| {
-            let labels = pod.labels();
-            match labels.get(POOL_LABEL) {
-                // (The pod cache spans every namespace; the pools may not.)
-                Some(pool) => {
-                    let pool = ObjectRef::new(pool).within(&pod.namespace().unwrap_or_default());
-                    known.get(&pool).map(|_| pool).into_iter().collect()
-                }
-                None if labels.contains_key(REVISION_UID_LABEL) => {
-                    by_configuration(pod.namespace(), labels.get(CONFIGURATION_LABEL))
-                }
-                None => Vec::new(),
-            }
-        })
+        .watches_stream(pods, move |pod: Pod| pools_for_pod(&pod, &p1.state()))
         // The KPA scales the Deployment: a scale-up is a handoff.
         .watches_stream(deployments, move |d: Deployment| {
-            by_configuration2(d.namespace(), d.labels().get(CONFIGURATION_LABEL))
+            pools_for_configuration(
+                &d.namespace().unwrap_or_default(),
+                d.labels().get(CONFIGURATION_LABEL).map(String::as_str),
+                &p2.state(),
+            )
         })
         .watches_stream_with(
             configurations,
-            move |c: DynamicObject| by_configuration3(c.namespace(), c.metadata.name.as_ref()),
+            move |c: DynamicObject| {
+                pools_for_configuration(
+                    &c.namespace().unwrap_or_default(),
+                    c.metadata.name.as_deref(),
+                    &p3.state(),
+                )
+            },
             ar,
         )
         .graceful_shutdown_on(async move { stop.cancelled().await })
@@ -955,4 +937,125 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// The pools that warm `configuration` in `ns`. Pure.
+fn pools_for_configuration(
+    ns: &str,
+    configuration: Option<&str>,
+    pools: &[Arc<WarmPool>],
+) -> Vec<ObjectRef<WarmPool>> {
+    pools
+        .iter()
+        .filter(|p| {
+            p.namespace().as_deref() == Some(ns)
+                && Some(p.spec.configuration_ref.name.as_str()) == configuration
+        })
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
+/// The pools a pod event concerns: the pool of one of its pods (if that pool is watched:
+/// the pod cache spans every namespace, the pools may not), or the pools of a revision
+/// pod's Configuration (a cold pod that turns Ready changes what the revision still waits
+/// for). Other pods concern none. Pure.
+fn pools_for_pod(pod: &Pod, pools: &[Arc<WarmPool>]) -> Vec<ObjectRef<WarmPool>> {
+    let labels = pod.labels();
+    let ns = pod.namespace().unwrap_or_default();
+    match labels.get(POOL_LABEL) {
+        Some(pool) => pools
+            .iter()
+            .filter(|p| p.namespace().as_deref() == Some(ns.as_str()) && &p.name_any() == pool)
+            .map(|p| ObjectRef::from_obj(p.as_ref()))
+            .collect(),
+        None if labels.contains_key(REVISION_UID_LABEL) => pools_for_configuration(
+            &ns,
+            labels.get(CONFIGURATION_LABEL).map(String::as_str),
+            pools,
+        ),
+        None => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pool(ns: &str, name: &str, configuration: &str) -> Arc<WarmPool> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "kinfer.dev/v1alpha1", "kind": "WarmPool",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"configurationRef": {"name": configuration}, "minReady": 1},
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn pod(ns: &str, labels: serde_json::Value) -> Pod {
+        serde_json::from_value(
+            json!({"metadata": {"name": "p", "namespace": ns, "labels": labels}}),
+        )
+        .unwrap()
+    }
+
+    fn names(refs: Vec<ObjectRef<WarmPool>>) -> Vec<String> {
+        refs.into_iter()
+            .map(|r| format!("{}/{}", r.namespace.unwrap_or_default(), r.name))
+            .collect()
+    }
+
+    #[test]
+    fn pod_events_trigger_the_pools_they_concern() {
+        let pools = [
+            pool("a", "m", "m"),
+            pool("a", "other", "other"),
+            pool("b", "m", "m"),
+        ];
+        let cases = [
+            // A pool's own pod, warm or handed off.
+            (pod("a", json!({POOL_LABEL: "m"})), vec!["a/m"]),
+            (
+                pod(
+                    "a",
+                    json!({POOL_LABEL: "m", REVISION_UID_LABEL: "u", CONFIGURATION_LABEL: "m"}),
+                ),
+                vec!["a/m"],
+            ),
+            // A pool label whose pool is not watched here.
+            (pod("c", json!({POOL_LABEL: "m"})), vec![]),
+            // A revision pod: the pools of its Configuration, in its namespace.
+            (
+                pod(
+                    "b",
+                    json!({REVISION_UID_LABEL: "u", CONFIGURATION_LABEL: "m"}),
+                ),
+                vec!["b/m"],
+            ),
+            (
+                pod(
+                    "a",
+                    json!({REVISION_UID_LABEL: "u", CONFIGURATION_LABEL: "none"}),
+                ),
+                vec![],
+            ),
+            // Any other pod.
+            (pod("a", json!({CONFIGURATION_LABEL: "m"})), vec![]),
+            (pod("a", json!({})), vec![]),
+        ];
+        for (p, want) in cases {
+            assert_eq!(
+                names(pools_for_pod(&p, &pools)),
+                want,
+                "{:?}",
+                p.metadata.labels
+            );
+        }
+        assert_eq!(
+            names(pools_for_configuration("a", Some("other"), &pools)),
+            vec!["a/other"]
+        );
+        assert!(pools_for_configuration("a", None, &pools).is_empty());
+    }
 }
