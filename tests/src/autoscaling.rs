@@ -29,6 +29,16 @@ pub struct Load {
     pub gpu_busy: Option<f64>,
 }
 
+impl Load {
+    /// Requests in flight at the revision's pods, none queued, no GPU.
+    pub fn requests(in_flight: f64) -> Self {
+        Self {
+            in_flight,
+            ..Self::default()
+        }
+    }
+}
+
 /// Plays the pods of the namespace's revisions on a loopback metrics endpoint.
 pub struct Exporter {
     pub port: u16,
@@ -224,7 +234,6 @@ impl Plugin {
         ns: &str,
         prometheus_port: u16,
         autoscaler: &str,
-        extra_args: &[&str],
     ) -> anyhow::Result<Self> {
         let binary =
             workspace_binary("kinfer-autoscaler-plugin", "kinfer-autoscaler-plugin").await?;
@@ -241,7 +250,6 @@ impl Plugin {
             .args(["--autoscaler-url", &format!("ws://{autoscaler}")])
             .args(["--knative-reporters", "none"])
             .args(["--forecast-horizon", "30s"])
-            .args(extra_args)
             .stdout(out.try_clone()?)
             .stderr(out)
             .kill_on_drop(true)
@@ -292,6 +300,22 @@ pub struct Bed {
     _prometheus: Child,
     pub prometheus_port: u16,
     pub dir: PathBuf,
+}
+
+impl Bed {
+    /// The plugin binary for this bed's namespace, feeding the cluster's Knative autoscaler.
+    pub async fn plugin(&self) -> anyhow::Result<Plugin> {
+        let autoscaler = crate::knative::autoscaler_addr(&self.client).await?;
+        Plugin::start(&self.dir, &self.ns, self.prometheus_port, &autoscaler).await
+    }
+
+    /// Creates a Knative Service in the bed's namespace, waits until it is Ready and returns
+    /// its revision.
+    pub async fn revision(&self, svc: kube::api::DynamicObject) -> anyhow::Result<String> {
+        let svc = crate::knative::create_ready(&self.client, &self.ns, svc).await?;
+        crate::knative::status_str(&svc, "latestReadyRevisionName")
+            .context("a Ready Service names its revision")
+    }
 }
 
 /// A namespace, an exporter for its revisions' pods and a Prometheus scraping it every

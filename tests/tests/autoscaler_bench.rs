@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use k8s_openapi::api::apps::v1::Deployment;
 use kinfer_core::kpa::Stat;
-use kinfer_tests::autoscaling::{Load, Plugin, bed};
+use kinfer_tests::autoscaling::{Load, bed};
 use kinfer_tests::{client, knative, namespace, pods};
 use kube::api::Api;
 use kube::{Client, ResourceExt};
@@ -214,34 +214,14 @@ async fn reaction_to_a_load_step() -> anyhow::Result<()> {
         let Some(bed) = bed("as-bench", scrape).await? else {
             anyhow::bail!("prometheus is not installed");
         };
-        let svc = knative::create_ready(
-            &bed.client,
-            &bed.ns,
-            knative::service(
+        let revision = bed
+            .revision(knative::service(
                 "model",
                 annotations(json!({"kinfer.dev/autoscaling": "requests"})),
-            ),
-        )
-        .await?;
-        let revision = knative::status_str(&svc, "latestReadyRevisionName").unwrap();
-        let plugin = Plugin::start(
-            &bed.dir,
-            &bed.ns,
-            bed.prometheus_port,
-            &knative::autoscaler_addr(&bed.client).await?,
-            &[],
-        )
-        .await?;
-        let set = |in_flight| {
-            bed.exporter.set(
-                &revision,
-                Load {
-                    in_flight,
-                    queued: 0.0,
-                    gpu_busy: None,
-                },
-            )
-        };
+            ))
+            .await?;
+        let plugin = bed.plugin().await?;
+        let set = |in_flight| bed.exporter.set(&revision, Load::requests(in_flight));
         let times = trials(&bed.deployments, &format!("{revision}-deployment"), n, set)
             .await
             .with_context(|| format!("plugin log: {}", plugin.log.display()))?;

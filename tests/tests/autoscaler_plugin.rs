@@ -12,21 +12,11 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use kinfer_tests::autoscaling::{Load, Plugin, bed, reaches, replicas};
+use kinfer_tests::autoscaling::{Load, bed, reaches, replicas};
 use kinfer_tests::knative;
 use kinfer_tests::{poll, wait_for};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
 use serde_json::json;
-
-/// Creates a Service, waits until it is Ready, returns its revision.
-async fn ready_revision(
-    client: &kube::Client,
-    ns: &str,
-    svc: DynamicObject,
-) -> anyhow::Result<String> {
-    let svc = knative::create_ready(client, ns, svc).await?;
-    Ok(knative::status_str(&svc, "latestReadyRevisionName").unwrap())
-}
 
 const SCRAPE: Duration = Duration::from_secs(1);
 
@@ -55,42 +45,27 @@ async fn requests_mode_scales_the_revision_and_leaves_others_alone() -> anyhow::
             gpu_busy: None,
         },
     );
-    let plugin = Plugin::start(
-        &bed.dir,
-        &bed.ns,
-        bed.prometheus_port,
-        &knative::autoscaler_addr(&bed.client).await?,
-        &[],
-    )
-    .await?;
+    let plugin = bed.plugin().await?;
     // Not opted in: Knative alone decides; min-scale 1 keeps it at one pod, whatever load the
     // exporter claims for it.
-    ready_revision(
-        &bed.client,
-        &bed.ns,
-        knative::service(
-            "plain",
-            json!({
-                "autoscaling.knative.dev/target": "10",
-                "autoscaling.knative.dev/window": "6s",
-                "autoscaling.knative.dev/min-scale": "1",
-            }),
-        ),
-    )
+    bed.revision(knative::service(
+        "plain",
+        json!({
+            "autoscaling.knative.dev/target": "10",
+            "autoscaling.knative.dev/window": "6s",
+            "autoscaling.knative.dev/min-scale": "1",
+        }),
+    ))
     .await?;
-    ready_revision(
-        &bed.client,
-        &bed.ns,
-        knative::service(
-            "model",
-            json!({
-                "kinfer.dev/autoscaling": "requests",
-                "autoscaling.knative.dev/target": "10",
-                "autoscaling.knative.dev/window": "6s",
-                "autoscaling.knative.dev/min-scale": "0",
-            }),
-        ),
-    )
+    bed.revision(knative::service(
+        "model",
+        json!({
+            "kinfer.dev/autoscaling": "requests",
+            "autoscaling.knative.dev/target": "10",
+            "autoscaling.knative.dev/window": "6s",
+            "autoscaling.knative.dev/min-scale": "0",
+        }),
+    ))
     .await?;
     let driven_dep = format!("{driven}-deployment");
     let plain_dep = format!("{plain}-deployment");
@@ -165,21 +140,19 @@ async fn gpu_mode_converges_on_gpu_busy_time_and_publishes_a_forecast() -> anyho
     let Some(bed) = bed("as-gpu", SCRAPE).await? else {
         return Ok(());
     };
-    let revision = ready_revision(
-        &bed.client,
-        &bed.ns,
-        knative::service(
-            "llm",
-            json!({
-                "kinfer.dev/autoscaling": "gpu",
-                "kinfer.dev/autoscaling-gpu-target": "80",
-                "autoscaling.knative.dev/target": "10",
-                "autoscaling.knative.dev/window": "6s",
-                "autoscaling.knative.dev/min-scale": "0",
-            }),
-        ),
-    )
-    .await?;
+    // 2.4 GPUs' worth of work, few requests in flight (a batching server): at an 80% target
+    // that is 3 pods. Each pod's GPU is at most 100% busy, so from one pod the plugin first
+    // sees 1.0 (→ 2 pods), then 2 × 1.0 (→ 3), then 3 × 0.8 (→ 3, steady). The load is in
+    // place before the revision exists (its name is known): a revision that reached zero
+    // before the plugin saw its pod would stay there (waking it is the activator's job).
+    bed.exporter.set(
+        "llm-00001",
+        Load {
+            in_flight: 3.0,
+            queued: 0.0,
+            gpu_busy: Some(2.4),
+        },
+    );
     // A WarmPool for the Configuration, when the CRD is installed.
     let wp_api: Api<DynamicObject> = Api::namespaced_with(
         bed.client.clone(),
@@ -203,26 +176,22 @@ async fn gpu_mode_converges_on_gpu_busy_time_and_publishes_a_forecast() -> anyho
         Err(e) => return Err(e.into()),
     };
 
-    let plugin = Plugin::start(
-        &bed.dir,
-        &bed.ns,
-        bed.prometheus_port,
-        &knative::autoscaler_addr(&bed.client).await?,
-        &[],
-    )
-    .await?;
+    // The plugin runs before the revision exists, as in the requests test.
+    let plugin = bed.plugin().await?;
+    let revision = bed
+        .revision(knative::service(
+            "llm",
+            json!({
+                "kinfer.dev/autoscaling": "gpu",
+                "kinfer.dev/autoscaling-gpu-target": "80",
+                "autoscaling.knative.dev/target": "10",
+                "autoscaling.knative.dev/window": "6s",
+                "autoscaling.knative.dev/min-scale": "0",
+            }),
+        ))
+        .await?;
+    assert_eq!(revision, "llm-00001");
     let dep = format!("{revision}-deployment");
-    // 2.4 GPUs' worth of work, few requests in flight (a batching server): at an 80% target
-    // that is 3 pods. Each pod's GPU is at most 100% busy, so from one pod the plugin first
-    // sees 1.0 (→ 2 pods), then 2 × 1.0 (→ 3), then 3 × 0.8 (→ 3, steady).
-    bed.exporter.set(
-        &revision,
-        Load {
-            in_flight: 3.0,
-            queued: 0.0,
-            gpu_busy: Some(2.4),
-        },
-    );
     let up = reaches(&bed.deployments, &dep, 3, Duration::from_secs(90))
         .await
         .with_context(|| format!("plugin log: {}", plugin.log.display()))?;

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use kinfer_tests::autoscaling::{Load, Plugin, bed, reaches};
+use kinfer_tests::autoscaling::{Load, bed, reaches};
 use kinfer_tests::{knative, poll};
 use serde_json::json;
 
@@ -31,10 +31,8 @@ async fn scaling_resumes_after_the_knative_autoscaler_restarts() -> anyhow::Resu
     let Some(bed) = bed("as-restart", Duration::from_secs(1)).await? else {
         return Ok(());
     };
-    let svc = knative::create_ready(
-        &bed.client,
-        &bed.ns,
-        knative::service(
+    let revision = bed
+        .revision(knative::service(
             "model",
             json!({
                 "kinfer.dev/autoscaling": "requests",
@@ -42,25 +40,11 @@ async fn scaling_resumes_after_the_knative_autoscaler_restarts() -> anyhow::Resu
                 "autoscaling.knative.dev/window": "6s",
                 "autoscaling.knative.dev/min-scale": "1",
             }),
-        ),
-    )
-    .await?;
-    let revision = knative::status_str(&svc, "latestReadyRevisionName").unwrap();
-    let plugin = Plugin::start(
-        &bed.dir,
-        &bed.ns,
-        bed.prometheus_port,
-        &knative::autoscaler_addr(&bed.client).await?,
-        &[],
-    )
-    .await?;
+        ))
+        .await?;
+    let plugin = bed.plugin().await?;
     let dep = format!("{revision}-deployment");
-    let load = |in_flight| Load {
-        in_flight,
-        queued: 0.0,
-        gpu_busy: None,
-    };
-    bed.exporter.set(&revision, load(14.0));
+    bed.exporter.set(&revision, Load::requests(14.0));
     reaches(&bed.deployments, &dep, 2, Duration::from_secs(60))
         .await
         .with_context(|| format!("plugin log: {}", plugin.log.display()))?;
@@ -106,13 +90,13 @@ async fn scaling_resumes_after_the_knative_autoscaler_restarts() -> anyhow::Resu
     );
 
     // The new autoscaler starts from no history; the next load step goes through it.
-    bed.exporter.set(&revision, load(35.0));
+    bed.exporter.set(&revision, Load::requests(35.0));
     let t = reaches(&bed.deployments, &dep, 5, Duration::from_secs(60))
         .await
         .with_context(|| format!("plugin log: {}", plugin.log.display()))?;
     eprintln!("after the restart: {dep} replicas 5 in {t:.2?} after the load step");
     // And down again when the load falls.
-    bed.exporter.set(&revision, load(14.0));
+    bed.exporter.set(&revision, Load::requests(14.0));
     reaches(&bed.deployments, &dep, 2, Duration::from_secs(90)).await?;
     Ok(())
 }
