@@ -45,9 +45,6 @@ fn crash_point(step: &str) {
     }
 }
 
-/// How many scale-ups the status remembers.
-const SCALE_UP_HISTORY: usize = 128;
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("Kubernetes API: {0}")]
@@ -375,7 +372,7 @@ pub async fn reconcile(cached: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Actio
             pods: grew,
         });
     }
-    let scale_ups = sizing::prune(scale_ups, now, SCALE_UP_HISTORY);
+    let scale_ups = sizing::prune(scale_ups, now, sizing::HISTORY_LIMIT);
 
     // Size the pool.
     let warm_now = pool_views
@@ -817,7 +814,8 @@ pub async fn reconcile(cached: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Actio
     Ok(Action::requeue(if busy {
         Duration::from_secs(2)
     } else {
-        Duration::from_secs(30)
+        // The predictive policy pre-warms one load time plus this ahead of a likely arrival.
+        Duration::from_secs_f64(sizing::RECHECK)
     }))
 }
 

@@ -1,34 +1,55 @@
 //! How many warm pods a pool holds. Pure: times are Unix seconds, the cluster's room is a
 //! number the caller computed (see [`crate::capacity`]).
 //!
-//! `fixed` holds `minReady`. `predictive` holds enough warm pods to absorb the largest burst
-//! of scale-ups the Configuration is likely to see before a new warm pod could load (a pool
-//! pod needs the model's load time to become ready, so a burst within that window can only
-//! be served from pods already warm):
+//! `fixed` holds `minReady`. `predictive` holds the pods that the Configuration's next
+//! arrival of load is likely to need, when it is likely to come. An arrival is a scale-up (the
+//! scale-ups within one model-load time of it added up: a pool pod needs the load time to
+//! become ready, so only pods already warm can serve them). From the history of arrivals:
 //!
-//! - **recent**: the largest number of pods the revision grew by within any window of one
-//!   refill time over the last hour;
-//! - **daily**: the same, over the hour around this time yesterday and the half hour ahead
-//!   of it (diurnal load gets its pool before it arrives, the way the hybrid-histogram
-//!   policy of Serverless in the Wild pre-warms ahead of a predicted arrival);
+//! - **renewal**: each past gap between consecutive arrivals is a sample of how long the
+//!   next one takes, smeared over ±20% of the gap (the hybrid histogram of Serverless in the
+//!   Wild keeps a 10% margin), narrower where other gaps agree (at most 4× the distance to
+//!   the 4th-nearest other gap, at least ±30 s). Given the time since the last arrival, the
+//!   samples still ahead, plus a prior worth one sample (arrivals at the app's mean rate over
+//!   its history, the current wait included), give the chance that an arrival comes within
+//!   the load time plus the controller's recheck interval. The j-th largest arrival size seen
+//!   is held while that chance, times the share of arrivals at least that large, is worth it:
+//!   at least (load + recheck) / `COLD_START_COST` (a cold start is worth two warm
+//!   pod-hours). So a pool holds nothing right after an arrival or between the predicted
+//!   ones, pre-warms ahead of them, grows as the wait makes an arrival likelier, and lets
+//!   go of a Configuration whose traffic has stopped once its mean rate falls low enough;
+//! - **learning**: with no arrival yet the pool holds one pod; after the first, as many pods
+//!   as it needed, for four hours (the hybrid histogram's fallback keep-alive);
 //! - **forecast**: the autoscaler plugin's forecast of replicas, less the replicas the
 //!   revision already has, while the forecast is within its horizon.
 //!
-//! The pool is the largest of these, within `minReady..maxReady`, and never more than the
-//! cluster can spare: warm pods must never make a real pod unschedulable, so when real pods
-//! are pending for lack of room the pool gives its place up (it may go below `minReady`).
+//! The pool is the larger of renewal and forecast, within `minReady..maxReady`, and never
+//! more than the cluster can spare: warm pods must never make a real pod unschedulable, so
+//! when real pods are pending for lack of room the pool gives its place up (it may go below
+//! `minReady`).
 
 use kinfer_core::warmpool::Sizing;
 
-/// How far back a burst counts as recent.
-pub const RECENT: f64 = 3600.0;
-const DAY: f64 = 86_400.0;
-/// The part of yesterday that predicts now: from half an hour before this time to half an
-/// hour after it.
-const DAILY_BEHIND: f64 = 1800.0;
-const DAILY_AHEAD: f64 = 1800.0;
+/// A cold start is worth this many warm pod-seconds: a pod is held while the chance per
+/// second that an arrival needs it is at least the inverse.
+pub const COLD_START_COST: f64 = 7200.0;
+/// How uncertain the time of a past gap is, as a share of the gap.
+const SPREAD: f64 = 0.2;
+/// ... but no more than `NEIGHBOUR_SPREAD` times the distance to the `NEIGHBOUR`-th nearest
+/// other gap (gaps that repeat are sharp), and at least `MIN_SPREAD` seconds.
+const NEIGHBOUR: usize = 4;
+const NEIGHBOUR_SPREAD: f64 = 4.0;
+const MIN_SPREAD: f64 = 30.0;
+/// How many samples the prior (arrivals at the mean rate) is worth.
+const PRIOR_WEIGHT: f64 = 1.0;
+/// After the first arrival, before there is a gap to learn from, its pods are kept this long.
+pub const FALLBACK_KEEP: f64 = 4.0 * 3600.0;
+/// How often the controller looks again when nothing changes (its idle requeue).
+pub const RECHECK: f64 = 30.0;
+/// The most scale-ups the pool's status keeps.
+pub const HISTORY_LIMIT: usize = 128;
 /// Scale-ups older than this are forgotten.
-pub const HISTORY: f64 = DAY + 2.0 * DAILY_AHEAD;
+pub const HISTORY: f64 = 86_400.0;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ScaleUp {
@@ -96,42 +117,95 @@ pub fn size(input: &Input) -> Decision {
 }
 
 fn predict(input: &Input) -> i32 {
-    let window = input.refill_seconds.max(1.0);
     let now = input.now;
-    let recent = max_burst(input.scale_ups, now - RECENT, now, window);
-    let daily = max_burst(
-        input.scale_ups,
-        now - DAY - DAILY_BEHIND,
-        now - DAY + DAILY_AHEAD,
-        window,
-    );
+    let refill = input.refill_seconds.max(1.0);
+    let arrivals = arrivals(input.scale_ups, now, refill);
+    let history = renewal(&arrivals, now, refill + RECHECK, input.max_ready.max(1));
     let forecast = input
         .forecast
         .filter(|f| now <= f.observed_at + f.horizon_seconds.max(0.0))
         .map(|f| f.replicas - input.replicas)
         .unwrap_or(0);
-    recent.max(daily).max(forecast).max(0)
+    history.max(forecast).max(0)
 }
 
-/// The most pods scaled up within any `window` seconds of `[from, to]`.
-fn max_burst(events: &[ScaleUp], from: f64, to: f64, window: f64) -> i32 {
-    let mut inside: Vec<&ScaleUp> = events
+/// One arrival of load: the scale-ups that began at `at` and came within one load time of it
+/// (pods that only a warm pool can serve, since no new pod loads in time).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Arrival {
+    at: f64,
+    pods: i32,
+}
+
+/// The arrivals up to `now`, oldest first.
+fn arrivals(events: &[ScaleUp], now: f64, window: f64) -> Vec<Arrival> {
+    let mut events: Vec<&ScaleUp> = events
         .iter()
-        .filter(|e| e.at >= from && e.at <= to && e.pods > 0)
+        .filter(|e| e.pods > 0 && e.at <= now)
         .collect();
-    inside.sort_by(|a, b| a.at.total_cmp(&b.at));
-    let mut best = 0;
-    let mut sum = 0;
-    let mut start = 0;
-    for end in 0..inside.len() {
-        sum += inside[end].pods;
-        while inside[end].at - inside[start].at > window {
-            sum -= inside[start].pods;
-            start += 1;
+    events.sort_by(|a, b| a.at.total_cmp(&b.at));
+    let mut out: Vec<Arrival> = Vec::new();
+    for e in events {
+        match out.last_mut() {
+            Some(last) if e.at - last.at <= window => last.pods += e.pods,
+            _ => out.push(Arrival {
+                at: e.at,
+                pods: e.pods,
+            }),
         }
-        best = best.max(sum);
     }
-    best
+    out
+}
+
+/// Pods to hold now so that the arrivals likely within `horizon` find them warm (see the
+/// module's documentation).
+fn renewal(arrivals: &[Arrival], now: f64, horizon: f64, max: i32) -> i32 {
+    let Some(last) = arrivals.last() else {
+        return 1;
+    };
+    let elapsed = now - last.at;
+    if arrivals.len() < 2 {
+        return if elapsed <= FALLBACK_KEEP {
+            last.pods.clamp(1, max)
+        } else {
+            0
+        };
+    }
+    let gaps: Vec<f64> = arrivals.windows(2).map(|p| p[1].at - p[0].at).collect();
+    // The prior: arrivals at the mean rate over the whole history, the wait since the last
+    // one included (a Configuration whose traffic stopped sees its rate fall).
+    let rate = gaps.len() as f64 / (now - arrivals[0].at).max(1.0);
+    let mut ahead = PRIOR_WEIGHT;
+    let mut within = PRIOR_WEIGHT * (1.0 - (-rate * horizon).exp());
+    for &gap in &gaps {
+        let mut half = gap * SPREAD;
+        if gaps.len() > NEIGHBOUR {
+            let mut distance: Vec<f64> = gaps.iter().map(|g| (g - gap).abs()).collect();
+            distance.sort_by(f64::total_cmp);
+            // distance[0] is the gap itself.
+            half = half.min(NEIGHBOUR_SPREAD * distance[NEIGHBOUR]);
+        }
+        let half = half.max(MIN_SPREAD);
+        let (lo, hi) = (gap - half, gap + half);
+        let still = ((hi - elapsed) / (hi - lo)).clamp(0.0, 1.0);
+        if still <= 0.0 {
+            continue;
+        }
+        ahead += still;
+        within += (hi.min(elapsed + horizon) - lo.max(elapsed)).max(0.0) / (hi - lo);
+    }
+    let chance = within / ahead;
+    // Arrival sizes, largest first: sizes[..=i] need at least sizes[i] pods.
+    let mut sizes: Vec<i32> = arrivals.iter().map(|a| a.pods.clamp(1, max)).collect();
+    sizes.sort_unstable_by(|a, b| b.cmp(a));
+    let threshold = horizon / COLD_START_COST;
+    for (i, &pods) in sizes.iter().enumerate() {
+        let share = (i + 1) as f64 / sizes.len() as f64;
+        if chance * share >= threshold {
+            return pods;
+        }
+    }
+    0
 }
 
 /// The scale-ups worth keeping at `now`, oldest first, at most `limit`.
@@ -158,10 +232,24 @@ mod tests {
             .collect()
     }
 
+    /// `n` arrivals of `pods`, `gap` seconds apart, the last `ago` seconds before now.
+    fn every(gap: f64, n: usize, pods: i32, ago: f64) -> Vec<ScaleUp> {
+        (0..n)
+            .map(|i| ScaleUp {
+                at: NOW - ago - gap * i as f64,
+                pods,
+            })
+            .collect()
+    }
+
+    fn leak(v: Vec<ScaleUp>) -> &'static [ScaleUp] {
+        Box::leak(v.into_boxed_slice())
+    }
+
     fn input<'a>(policy: Sizing, scale_ups: &'a [ScaleUp]) -> Input<'a> {
         Input {
             policy,
-            min_ready: 1,
+            min_ready: 0,
             max_ready: 5,
             now: NOW,
             scale_ups,
@@ -181,65 +269,144 @@ mod tests {
             desired: i32,
             capped: bool,
         }
-        let none: &'static [ScaleUp] = Box::leak(Box::new([]));
-        let burst3: &'static [ScaleUp] =
-            Box::leak(ups(&[(600.0, 1), (595.0, 2)]).into_boxed_slice());
-        let spread: &'static [ScaleUp] =
-            Box::leak(ups(&[(600.0, 1), (500.0, 1), (400.0, 1)]).into_boxed_slice());
-        let old: &'static [ScaleUp] = Box::leak(ups(&[(2.0 * RECENT, 4)]).into_boxed_slice());
-        let yesterday: &'static [ScaleUp] =
-            Box::leak(ups(&[(DAY - 600.0, 2), (DAY - 590.0, 2)]).into_boxed_slice());
-        let huge: &'static [ScaleUp] = Box::leak(ups(&[(10.0, 9)]).into_boxed_slice());
+        let none: &'static [ScaleUp] = leak(vec![]);
+        // One arrival of 3 pods: two scale-ups within the load time.
+        let burst3 = leak(ups(&[(600.0, 1), (595.0, 2)]));
+        // The same pods 60 s apart are separate arrivals of one pod each.
+        let apart = leak(ups(&[(600.0, 1), (540.0, 2)]));
+        let old = leak(ups(&[(FALLBACK_KEEP + 60.0, 3)]));
+        // An arrival every 10 minutes; the next is due in 10 s, or in 5 minutes.
+        let due = leak(every(600.0, 20, 1, 590.0));
+        let not_due = leak(every(600.0, 20, 1, 300.0));
+        // Bursts of 4 pods 37.5 to 40.6 minutes apart, the last 30 minutes ago.
+        let bursts = leak(
+            (0..12)
+                .map(|i| ScaleUp {
+                    at: NOW - 1800.0 - 2400.0 * i as f64 - 37.0 * (i % 5) as f64,
+                    pods: 4,
+                })
+                .collect(),
+        );
+        // Half the bursts need 1 pod, half 4, 25 to 52 minutes apart, the last 30 minutes ago.
+        let mixed = leak(
+            (0..12)
+                .scan(NOW - 1800.0, |at, i| {
+                    let up = ScaleUp {
+                        at: *at,
+                        pods: if i % 2 == 0 { 1 } else { 4 },
+                    };
+                    *at -= 1500.0 + 150.0 * ((i * 7) % 12) as f64;
+                    Some(up)
+                })
+                .collect(),
+        );
+        // Overdue: past every gap seen. Arrivals every 10 minutes, or every 6 hours.
+        let frequent_overdue = leak(every(600.0, 20, 1, 1200.0));
+        let rare_overdue = leak(every(6.0 * 3600.0, 4, 1, 12.0 * 3600.0));
         let cases = vec![
             Case {
                 name: "fixed holds minReady whatever the history",
-                input: input(Sizing::Fixed, burst3),
-                desired: 1,
+                input: Input {
+                    min_ready: 2,
+                    ..input(Sizing::Fixed, burst3)
+                },
+                desired: 2,
                 capped: false,
             },
             Case {
-                name: "predictive without history holds minReady",
+                name: "predictive with no history holds one pod",
                 input: input(Sizing::Predictive, none),
                 desired: 1,
                 capped: false,
             },
             Case {
-                name: "a burst of 3 within the load time wants 3",
+                name: "after the first arrival, its size (scale-ups within the load time add up)",
                 input: input(Sizing::Predictive, burst3),
                 desired: 3,
                 capped: false,
             },
             Case {
-                name: "scale-ups further apart than the load time need one at a time",
-                input: input(Sizing::Predictive, spread),
-                desired: 1,
+                name: "scale-ups further apart than the load time are separate arrivals (of 1 and 2)",
+                input: input(Sizing::Predictive, apart),
+                desired: 2,
                 capped: false,
             },
             Case {
-                name: "the same spread with a 5 min load time all overlap",
-                input: Input {
-                    refill_seconds: 300.0,
-                    ..input(Sizing::Predictive, spread)
-                },
-                desired: 3,
-                capped: false,
-            },
-            Case {
-                name: "bursts older than an hour are forgotten",
+                name: "the first arrival's pods are let go after the fallback keep-alive",
                 input: input(Sizing::Predictive, old),
+                desired: 0,
+                capped: false,
+            },
+            Case {
+                name: "a regular arrival about to come is pre-warmed",
+                input: input(Sizing::Predictive, due),
                 desired: 1,
                 capped: false,
             },
             Case {
-                name: "yesterday's burst, ten minutes from now, is pre-warmed",
-                input: input(Sizing::Predictive, yesterday),
+                name: "nothing is held between regular arrivals",
+                input: input(Sizing::Predictive, not_due),
+                desired: 0,
+                capped: false,
+            },
+            Case {
+                name: "minReady holds between arrivals",
+                input: Input {
+                    min_ready: 2,
+                    ..input(Sizing::Predictive, not_due)
+                },
+                desired: 2,
+                capped: false,
+            },
+            Case {
+                name: "a burst within the range of past gaps is pre-warmed at its size",
+                input: input(Sizing::Predictive, bursts),
                 desired: 4,
                 capped: false,
             },
             Case {
+                name: "nothing is held long before the next burst",
+                input: Input {
+                    now: NOW - 800.0,
+                    ..input(Sizing::Predictive, bursts)
+                },
+                desired: 0,
+                capped: false,
+            },
+            Case {
+                name: "early in the window, only the pods most bursts need",
+                input: Input {
+                    now: NOW - 550.0,
+                    ..input(Sizing::Predictive, mixed)
+                },
+                desired: 1,
+                capped: false,
+            },
+            Case {
+                name: "late in the window, the largest burst's pods",
+                input: input(Sizing::Predictive, mixed),
+                desired: 4,
+                capped: false,
+            },
+            Case {
+                name: "overdue, a frequent app's mean rate still holds a pod",
+                input: input(Sizing::Predictive, frequent_overdue),
+                desired: 1,
+                capped: false,
+            },
+            Case {
+                name: "overdue, a rare app's mean rate does not",
+                input: input(Sizing::Predictive, rare_overdue),
+                desired: 0,
+                capped: false,
+            },
+            Case {
                 name: "maxReady bounds the prediction",
-                input: input(Sizing::Predictive, huge),
-                desired: 5,
+                input: Input {
+                    max_ready: 2,
+                    ..input(Sizing::Predictive, bursts)
+                },
+                desired: 2,
                 capped: false,
             },
             Case {
@@ -251,7 +418,7 @@ mod tests {
                         observed_at: NOW - 60.0,
                     }),
                     replicas: 1,
-                    ..input(Sizing::Predictive, none)
+                    ..input(Sizing::Predictive, not_due)
                 },
                 desired: 3,
                 capped: false,
@@ -264,9 +431,9 @@ mod tests {
                         horizon_seconds: 30.0,
                         observed_at: NOW - 60.0,
                     }),
-                    ..input(Sizing::Predictive, none)
+                    ..input(Sizing::Predictive, not_due)
                 },
-                desired: 1,
+                desired: 0,
                 capped: false,
             },
             Case {
@@ -282,6 +449,7 @@ mod tests {
             Case {
                 name: "real pods waiting for room shrink the pool below minReady",
                 input: Input {
+                    min_ready: 1,
                     warm: 1,
                     room: Some(-1),
                     ..input(Sizing::Fixed, none)
@@ -307,12 +475,20 @@ mod tests {
     }
 
     #[test]
-    fn max_burst_slides() {
+    fn arrivals_group_within_the_load_time() {
         let e = ups(&[(100.0, 1), (90.0, 1), (85.0, 1), (50.0, 2), (45.0, 1)]);
-        assert_eq!(max_burst(&e, NOW - 1000.0, NOW, 20.0), 3);
-        assert_eq!(max_burst(&e, NOW - 1000.0, NOW, 60.0), 6);
-        assert_eq!(max_burst(&e, NOW - 1000.0, NOW, 1.0), 2);
-        assert_eq!(max_burst(&[], NOW - 1000.0, NOW, 1.0), 0);
+        let a = arrivals(&e, NOW, 20.0);
+        assert_eq!(
+            a.iter().map(|a| (NOW - a.at, a.pods)).collect::<Vec<_>>(),
+            vec![(100.0, 3), (50.0, 3)]
+        );
+        assert_eq!(arrivals(&e, NOW, 1.0).len(), 5);
+        assert_eq!(
+            arrivals(&e, NOW - 60.0, 20.0).len(),
+            1,
+            "the future is ignored"
+        );
+        assert!(arrivals(&[], NOW, 20.0).is_empty());
     }
 
     #[test]
