@@ -3,9 +3,12 @@
 //! One query covers every pod of every revision, so the cost does not grow with the number of
 //! revisions.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use serde::Deserialize;
+use serde::de::IgnoredAny;
+use serde_json::value::RawValue;
 
 use crate::http::{HttpClient, HttpError};
 use crate::signals::{PodKey, Signal};
@@ -44,11 +47,13 @@ pub struct PodValues {
     pub skipped: usize,
 }
 
+// Borrowed from the answer's bytes where JSON allows (`Cow`), and only the labels used are
+// kept: a 10 000-series answer is parsed every collection, so no per-series label map.
 #[derive(Deserialize)]
-struct Answer {
+struct Answer<'a> {
     status: String,
-    #[serde(default)]
-    data: Option<Data>,
+    #[serde(default, borrow)]
+    data: Option<Data<'a>>,
     #[serde(default, rename = "errorType")]
     error_type: Option<String>,
     #[serde(default)]
@@ -56,17 +61,27 @@ struct Answer {
 }
 
 #[derive(Deserialize)]
-struct Data {
+struct Data<'a> {
     #[serde(rename = "resultType")]
     result_type: String,
-    result: serde_json::Value,
+    #[serde(borrow)]
+    result: &'a RawValue,
 }
 
 #[derive(Deserialize)]
-struct Sample {
-    #[serde(default)]
-    metric: HashMap<String, String>,
-    value: (serde_json::Value, String),
+struct Sample<'a> {
+    #[serde(default, borrow)]
+    metric: Labels<'a>,
+    #[serde(borrow)]
+    value: (IgnoredAny, Cow<'a, str>),
+}
+
+#[derive(Deserialize, Default)]
+struct Labels<'a> {
+    #[serde(default, borrow)]
+    namespace: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pod: Option<Cow<'a, str>>,
 }
 
 /// Parses an answer of `/api/v1/query`. Duplicate series for one pod are added up.
@@ -86,10 +101,11 @@ pub fn parse_vector(body: &[u8]) -> Result<PodValues, PromError> {
         return Err(PromError::NotAVector(data.result_type));
     }
     let samples: Vec<Sample> =
-        serde_json::from_value(data.result).map_err(|e| PromError::Decode(e.to_string()))?;
+        serde_json::from_str(data.result.get()).map_err(|e| PromError::Decode(e.to_string()))?;
     let mut out = PodValues::default();
+    out.values.reserve(samples.len());
     for s in samples {
-        let (Some(ns), Some(pod)) = (s.metric.get("namespace"), s.metric.get("pod")) else {
+        let (Some(ns), Some(pod)) = (s.metric.namespace, s.metric.pod) else {
             out.skipped += 1;
             continue;
         };
