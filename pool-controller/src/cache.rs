@@ -1,7 +1,6 @@
 //! The controller's view of the cluster: reflector caches filled by the same watches that
-//! trigger reconciles, so a pass reads no object from the API server. The ReplicaSet
-//! template and the node list, which the controller may only list, are remembered until the
-//! revision's Deployment rolls out a new one (ReplicaSets) or for a few seconds (nodes).
+//! trigger reconciles, so a pass reads no object from the API server. The node list, which
+//! the controller may only list, is remembered for a few seconds.
 //!
 //! A cache may lag the cluster; nothing that matters depends on it being current. The
 //! handoff patch carries the pod's `resourceVersion`, so a stale pod makes it fail with a
@@ -14,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, TryStreamExt};
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::{Node, Pod, PodTemplateSpec};
 use kinfer_core::admin::{Readiness, ReadinessGate};
 use kinfer_core::warmpool::{WarmPool, WarmPoolStatus};
@@ -39,8 +38,10 @@ pub struct Caches {
     /// Every pod in the cluster: the pools' own, the revisions', and the rest for the
     /// capacity cap (real pods that wait for room, what each node has left).
     pub pods: Store<Pod>,
-    /// Knative's revision Deployments (label `serving.knative.dev/configuration`).
-    pub deployments: Store<Deployment>,
+    /// Knative's revision ReplicaSets (label `serving.knative.dev/configuration`): the pod
+    /// template, the labels to hand off with, and the replicas the ReplicaSet holds its pods
+    /// to (a handoff beyond those would have the handed-off pod deleted).
+    pub replica_sets: Store<ReplicaSet>,
     pub configurations: Store<DynamicObject>,
     synced: watch::Receiver<usize>,
 }
@@ -50,7 +51,7 @@ pub struct Caches {
 pub struct Writers {
     pub pools: (Writer<WarmPool>, CacheGate),
     pub pods: (Writer<Pod>, CacheGate),
-    pub deployments: (Writer<Deployment>, CacheGate),
+    pub replica_sets: (Writer<ReplicaSet>, CacheGate),
     pub configurations: (Writer<DynamicObject>, CacheGate),
 }
 
@@ -60,7 +61,7 @@ impl Caches {
     pub fn new(configuration: &kube::api::ApiResource, readiness: &Readiness) -> (Self, Writers) {
         let pools = Writer::default();
         let pods = Writer::default();
-        let deployments = Writer::default();
+        let replica_sets = Writer::default();
         let configurations = Writer::new(configuration.clone());
         let (tx, rx) = watch::channel(4);
         let tx = Arc::new(tx);
@@ -71,14 +72,14 @@ impl Caches {
         let caches = Caches {
             pools: pools.as_reader(),
             pods: pods.as_reader(),
-            deployments: deployments.as_reader(),
+            replica_sets: replica_sets.as_reader(),
             configurations: configurations.as_reader(),
             synced: rx,
         };
         let writers = Writers {
             pools: (pools, gate("warmpools")),
             pods: (pods, gate("pods")),
-            deployments: (deployments, gate("deployments")),
+            replica_sets: (replica_sets, gate("replicasets")),
             configurations: (configurations, gate("configurations")),
         };
         (caches, writers)
@@ -103,18 +104,18 @@ impl Caches {
         })
     }
 
-    /// The revision's Deployment (Knative names it `<revision>-deployment` and labels it
-    /// with the revision).
-    pub fn revision_deployment(&self, ns: &str, revision: &str) -> Option<Arc<Deployment>> {
-        let of_revision =
-            |d: &Deployment| d.labels().get(REVISION_LABEL).map(String::as_str) == Some(revision);
-        self.deployments
-            .get(&ObjectRef::new(&format!("{revision}-deployment")).within(ns))
-            .filter(|d| of_revision(d))
-            .or_else(|| {
-                self.deployments
-                    .find(|d| d.metadata.namespace.as_deref() == Some(ns) && of_revision(d))
+    /// The revision's current ReplicaSet (see [`pick_replica_set`]).
+    pub fn revision_replica_set(&self, ns: &str, revision: &str) -> Option<RevisionSet> {
+        let sets: Vec<ReplicaSet> = self
+            .replica_sets
+            .state_filter(|rs| {
+                rs.metadata.namespace.as_deref() == Some(ns)
+                    && rs.labels().get(REVISION_LABEL).map(String::as_str) == Some(revision)
             })
+            .into_iter()
+            .map(|rs| (*rs).clone())
+            .collect();
+        pick_replica_set(&sets)
     }
 }
 
@@ -258,12 +259,13 @@ impl Expectations {
 /// The revision's current ReplicaSet, as far as a pass needs it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RevisionSet {
+    /// The ReplicaSet's name and uid: a handoff makes it the pod's controller.
+    pub name: String,
+    pub uid: String,
     pub revision_uid: String,
     pub template_hash: String,
     pub template: PodTemplateSpec,
-    /// Its controlling Deployment.
-    pub deployment: Option<String>,
-    /// The ReplicaSet's replicas when it was listed (the Deployment's are preferred).
+    /// The replicas the ReplicaSet holds its pods to (it follows its Deployment's).
     pub replicas: i32,
 }
 
@@ -284,67 +286,23 @@ pub fn pick_replica_set(sets: &[ReplicaSet]) -> Option<RevisionSet> {
         .max_by_key(|rs| deployment_revision(&rs.metadata))?;
     let labels = rs.labels();
     Some(RevisionSet {
+        name: rs.metadata.name.clone()?,
+        uid: rs.metadata.uid.clone()?,
         revision_uid: labels.get(REVISION_UID_LABEL)?.clone(),
         template_hash: labels.get(POD_TEMPLATE_HASH_LABEL)?.clone(),
         template: rs.spec.template.clone()?,
-        deployment: rs
-            .owner_references()
-            .iter()
-            .find(|o| o.kind == "Deployment" && o.controller == Some(true))
-            .map(|o| o.name.clone()),
         replicas: rs.spec.replicas.unwrap_or(0),
     })
 }
 
-type ListedSet = (String, i64, Arc<RevisionSet>);
-
-/// Lists the controller may only make (its role has `list` on ReplicaSets and nodes, not
-/// `watch`), remembered for as long as they hold.
+/// The node list, which the controller may only list (its role has `list` on nodes, not
+/// `watch`), remembered for [`NODES_TTL`].
 #[derive(Default)]
 pub struct Listed {
-    /// Per pool: the revision, its Deployment's revision annotation when listed, and the set.
-    sets: Mutex<HashMap<String, ListedSet>>,
     nodes: Mutex<Option<(Instant, Arc<Vec<Node>>)>>,
 }
 
 impl Listed {
-    /// The revision's current ReplicaSet. Listed again only when the revision changes or its
-    /// Deployment (from the cache) has rolled out a new ReplicaSet since.
-    pub async fn replica_set(
-        &self,
-        client: &kube::Client,
-        pool: &str,
-        ns: &str,
-        revision: &str,
-        deployment: Option<&Deployment>,
-    ) -> kube::Result<Option<Arc<RevisionSet>>> {
-        let rolled = deployment.map(|d| deployment_revision(&d.metadata));
-        if let Some(rolled) = rolled.filter(|r| *r > 0)
-            && let Some((rev, at, set)) = self.sets.lock().unwrap().get(pool)
-            && rev == revision
-            && *at == rolled
-        {
-            return Ok(Some(set.clone()));
-        }
-        let sets: Api<ReplicaSet> = Api::namespaced(client.clone(), ns);
-        let list = sets
-            .list(&ListParams::default().labels(&format!("{REVISION_LABEL}={revision}")))
-            .await?;
-        let Some(set) = pick_replica_set(&list.items).map(Arc::new) else {
-            self.sets.lock().unwrap().remove(pool);
-            return Ok(None);
-        };
-        // Remember it under the Deployment's revision as the cache shows it now: a rollout
-        // after this list changes the annotation, so the next pass lists again.
-        if let Some(rolled) = rolled {
-            self.sets.lock().unwrap().insert(
-                pool.to_string(),
-                (revision.to_string(), rolled, set.clone()),
-            );
-        }
-        Ok(Some(set))
-    }
-
     /// The cluster's nodes, listed at most every [`NODES_TTL`].
     pub async fn nodes(&self, client: &kube::Client) -> kube::Result<Arc<Vec<Node>>> {
         if let Some((at, nodes)) = self.nodes.lock().unwrap().as_ref()
@@ -360,10 +318,6 @@ impl Listed {
         let nodes = Arc::new(nodes);
         *self.nodes.lock().unwrap() = Some((Instant::now(), nodes.clone()));
         Ok(nodes)
-    }
-
-    pub fn forget(&self, pool: &str) {
-        self.sets.lock().unwrap().remove(pool);
     }
 }
 
@@ -450,6 +404,7 @@ mod tests {
         let mut r = json!({
             "metadata": {
                 "name": name,
+                "uid": format!("rs-{name}"),
                 "annotations": {DEPLOYMENT_REVISION_ANNOTATION: revision},
                 "labels": {},
                 "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment",
@@ -477,7 +432,7 @@ mod tests {
         .unwrap();
         assert_eq!(picked.template_hash, "h2");
         assert_eq!(picked.revision_uid, "uid");
-        assert_eq!(picked.deployment.as_deref(), Some("m-00001-deployment"));
+        assert_eq!((picked.name.as_str(), picked.uid.as_str()), ("h2", "rs-h2"));
         assert_eq!(picked.replicas, 2);
         assert!(pick_replica_set(&[rs("h1", "1", false, false)]).is_none());
         assert!(pick_replica_set(&[]).is_none());

@@ -1,6 +1,6 @@
 //! The reconciler: one pass per WarmPool looks at the cluster through the caches of
 //! [`crate::cache`] (the pool, its Configuration's latest ready Revision, that Revision's
-//! ReplicaSet and Deployment, the pool's pods and the revision's pods), plans with
+//! ReplicaSet, the pool's pods and the revision's pods), plans with
 //! [`crate::plan`], acts, and writes the status with server-side apply. Reads come from the
 //! caches, so the only API calls of a pass are its writes; state lives in the cluster only,
 //! so a restart at any point re-derives it.
@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
 use kinfer_core::warmpool::{
     Condition, POOL_CONTROLLER_MANAGER, ScaleUp, Sizing, WarmPool, WarmPoolStatus,
@@ -74,7 +74,7 @@ pub struct Context {
     pub caches: Caches,
     /// Per pool: the pod writes of its last pass, for the next pass to see in the cache.
     expectations: Expectations,
-    /// ReplicaSets and nodes, which the controller lists rather than watches.
+    /// Nodes, which the controller lists rather than watches.
     listed: Listed,
     /// Per pool: the status this process last wrote.
     written: Written,
@@ -114,7 +114,6 @@ impl Context {
     /// Drops what is remembered about a pool that is gone.
     fn forget(&self, key: &str) {
         self.expectations.forget(key);
-        self.listed.forget(key);
         self.written.forget(key);
         self.held.lock().unwrap().remove(key);
     }
@@ -148,43 +147,23 @@ struct Found {
     template: PodTemplateSpec,
 }
 
-/// The revision's current ReplicaSet (remembered, see [`Listed::replica_set`]) and the
-/// replicas its Deployment asks for, from the cache: the Deployment's replicas move first
-/// when the KPA scales; the ReplicaSet's follow.
-async fn find_target(
-    ctx: &Context,
-    key: &str,
-    ns: &str,
-    revision: &str,
-) -> kube::Result<Option<Found>> {
-    let deployment = ctx.caches.revision_deployment(ns, revision);
-    let Some(set) = ctx
-        .listed
-        .replica_set(&ctx.client, key, ns, revision, deployment.as_deref())
-        .await?
-    else {
-        return Ok(None);
-    };
-    let deployment = match &set.deployment {
-        Some(name) if deployment.as_ref().is_none_or(|d| &d.name_any() != name) => ctx
-            .caches
-            .deployments
-            .get(&ObjectRef::<Deployment>::new(name).within(ns)),
-        _ => deployment,
-    };
-    let replicas = match deployment {
-        Some(d) => d.spec.replicas.unwrap_or(1),
-        None => set.replicas,
-    };
-    Ok(Some(Found {
+/// The revision's current ReplicaSet, from the cache, and the replicas it holds its pods to.
+/// Those follow the Deployment's (which the KPA scales) one write later; a pass hands off
+/// only as many pods as the ReplicaSet will keep, or the ReplicaSet would count the
+/// handed-off pod as one too many and delete it.
+fn find_target(ctx: &Context, ns: &str, revision: &str) -> Option<Found> {
+    let set = ctx.caches.revision_replica_set(ns, revision)?;
+    Some(Found {
         target: Target {
             revision: revision.to_string(),
-            revision_uid: set.revision_uid.clone(),
-            template_hash: set.template_hash.clone(),
-            replicas,
+            revision_uid: set.revision_uid,
+            replica_set: set.name,
+            replica_set_uid: set.uid,
+            template_hash: set.template_hash,
+            replicas: set.replicas,
         },
-        template: set.template.clone(),
-    }))
+        template: set.template,
+    })
 }
 
 /// Typical time from creating a pool pod to its containers being ready, from the pods seen.
@@ -334,7 +313,7 @@ pub async fn reconcile(cached: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Actio
             .map(str::to_string)
     });
     let found = match &latest {
-        Some(rev) => find_target(&ctx, &key, &ns, rev).await?,
+        Some(rev) => find_target(&ctx, &ns, rev),
         None => None,
     };
     let target = found.as_ref().map(|f| &f.target);
@@ -882,10 +861,10 @@ pub async fn run(
         writers.pods,
         watcher(Api::<Pod>::all(client.clone()), config()),
     );
-    let deployments = cache::reflect(
-        writers.deployments,
+    let replica_sets = cache::reflect(
+        writers.replica_sets,
         watcher(
-            api::<Deployment>(&client, &namespace),
+            api::<ReplicaSet>(&client, &namespace),
             config().labels(CONFIGURATION_LABEL),
         ),
     );
@@ -908,8 +887,9 @@ pub async fn run(
     );
     Controller::for_stream(pools, ctx.caches.pools.clone())
         .watches_stream(pods, move |pod: Pod| pools_for_pod(&pod, &p1.state()))
-        // The KPA scales the Deployment: a scale-up is a handoff.
-        .watches_stream(deployments, move |d: Deployment| {
+        // The KPA scales the Deployment, the Deployment its ReplicaSet: a scale-up is a
+        // handoff, once the ReplicaSet will keep the handed-off pod.
+        .watches_stream(replica_sets, move |d: ReplicaSet| {
             pools_for_configuration(
                 &d.namespace().unwrap_or_default(),
                 d.labels().get(CONFIGURATION_LABEL).map(String::as_str),

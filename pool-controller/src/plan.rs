@@ -131,6 +131,8 @@ mod tests {
         Target {
             revision: "m-00001".into(),
             revision_uid: "uid".into(),
+            replica_set: "m-00001-deployment-h1".into(),
+            replica_set_uid: "rs-uid".into(),
             template_hash: "h1".into(),
             replicas,
         }

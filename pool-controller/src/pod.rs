@@ -14,8 +14,12 @@ use crate::names::*;
 pub struct Target {
     pub revision: String,
     pub revision_uid: String,
+    /// The revision's current ReplicaSet (name and uid), which a handoff makes the pod's
+    /// controller.
+    pub replica_set: String,
+    pub replica_set_uid: String,
     pub template_hash: String,
-    /// The replicas the revision's Deployment asks for.
+    /// The replicas the revision's ReplicaSet holds its pods to.
     pub replicas: i32,
 }
 
@@ -74,11 +78,14 @@ pub fn warm_pod(
 }
 
 /// The one patch that hands a warm pod to the revision: the labels the ReplicaSet selects
-/// on, the pool's owner reference removed (so the ReplicaSet can adopt it and deleting the
-/// pool leaves it alone), a high deletion cost (so the ReplicaSet deletes the cold pod it
-/// made instead) and the handoff time. It carries the pod's resourceVersion, so it applies
-/// whole to the pod as the controller saw it, or not at all: a pod is never half handed off,
-/// nor handed to two revisions.
+/// on; the ReplicaSet as the pod's only owner, in place of the pool (a merge patch replaces
+/// the list whole: deleting the pool leaves the pod alone, and the ReplicaSet, finding its
+/// own controller reference on a pod it selects, counts it without a write of its own,
+/// where adopting an ownerless pod would patch it while the gate is being opened); a high
+/// deletion cost (so the ReplicaSet deletes the cold pod it made instead); the handoff time.
+/// It carries the pod's resourceVersion, so it applies whole to the pod as the controller
+/// saw it, or not at all: a pod is never half handed off, never has two owners, and is
+/// never handed to two revisions.
 pub fn handoff_patch(resource_version: &str, target: &Target, now: &str) -> Value {
     json!({
         "metadata": {
@@ -93,7 +100,14 @@ pub fn handoff_patch(resource_version: &str, target: &Target, now: &str) -> Valu
                 DELETION_COST_ANNOTATION: HANDED_OFF_DELETION_COST,
                 HANDOFF_TIME_ANNOTATION: now,
             },
-            "ownerReferences": null,
+            "ownerReferences": [{
+                "apiVersion": "apps/v1",
+                "kind": "ReplicaSet",
+                "name": target.replica_set,
+                "uid": target.replica_set_uid,
+                "controller": true,
+                "blockOwnerDeletion": true,
+            }],
         }
     })
 }
@@ -225,6 +239,8 @@ mod tests {
         Target {
             revision: "m-00001".into(),
             revision_uid: "uid-1".into(),
+            replica_set: "m-00001-deployment-abc".into(),
+            replica_set_uid: "rs-uid".into(),
             template_hash: "abc".into(),
             replicas: 0,
         }
@@ -321,7 +337,19 @@ mod tests {
         assert_eq!(meta["labels"][REVISION_LABEL], "m-00001");
         assert_eq!(meta["labels"][STATE_LABEL], STATE_HANDED_OFF);
         assert_eq!(meta["annotations"][DELETION_COST_ANNOTATION], "1000");
-        assert!(meta["ownerReferences"].is_null());
+        // The ReplicaSet is the only owner, its controller: the pool's reference is gone
+        // (a merge patch replaces the list) and the ReplicaSet has nothing to adopt.
+        assert_eq!(
+            meta["ownerReferences"],
+            json!([{
+                "apiVersion": "apps/v1",
+                "kind": "ReplicaSet",
+                "name": "m-00001-deployment-abc",
+                "uid": "rs-uid",
+                "controller": true,
+                "blockOwnerDeletion": true,
+            }])
+        );
     }
 
     #[test]
