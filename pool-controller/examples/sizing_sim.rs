@@ -10,6 +10,21 @@
 //! own pool, empty at the start. A new warm pod takes the model's load time (20 s) before it
 //! can be handed off.
 //!
+//! Robustness: the same is then run on more traces of the same generator (seed 0, the
+//! committed trace, plus `--seeds N`, default 20, from `--from S`, default 1; app `i` of trace
+//! `s` draws from seed `s * 1000 + 7i + ...`), printing per trace each policy's cold starts
+//! and pod-hours, the totals over all traces, and on how many traces ours meets the goal
+//! against each baseline and against all four. Seeds 1..=20 are the check set; the policy's
+//! constants were chosen on seed 0 and seeds 101..=140 (`--from 101 --seeds 40`). `--show S`
+//! details trace `S` instead of seed 0.
+//!
+//! The steady apps change level on an exact 5-minute grid. That is not realistic, and ours
+//! exploits it: it learns that nothing happens between grid points and holds no pod there.
+//! `--steady-jitter J` changes level every 300 ± J s instead (J = 60: ours then holds 76
+//! steady pod-hours instead of 41 on seed 0 and no longer beats the hybrid histogram's
+//! pod-hours on any trace). The default stays the grid so that numbers compare with earlier
+//! runs.
+//!
 //! The baselines, as published (`/work/shared/reference/warmpools.md`, and the code):
 //!
 //! - **fixed** (Fission poolmgr): `n` pods; a handed-off pod is replaced at once.
@@ -75,15 +90,21 @@ impl Rng {
 }
 
 /// Replicas an app needs at each second.
-fn trace(kind: &str, seed: u64) -> Vec<i32> {
+fn trace(kind: &str, seed: u64, jitter: f64) -> Vec<i32> {
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut d = vec![0; DURATION];
     match kind {
         "steady" => {
             let mut level = 2i32;
+            let mut next = 0;
             for (t, v) in d.iter_mut().enumerate() {
-                if t % 300 == 0 {
+                if t == next {
                     level = (level + if rng.next() < 0.5 { -1 } else { 1 }).clamp(1, 4);
+                    next = t + if jitter > 0.0 {
+                        rng.range(300.0 - jitter, 300.0 + jitter) as usize
+                    } else {
+                        300
+                    };
                 }
                 *v = level;
             }
@@ -366,41 +387,97 @@ fn simulate(policy: Policy, demand: &[i32]) -> Outcome {
 }
 
 const KINDS: [&str; 4] = ["steady", "diurnal", "bursty", "rare"];
+const POLICIES: [Policy; 5] = [
+    Policy::Fixed(1),
+    Policy::Fixed(3),
+    Policy::OpenWhiskReactive,
+    Policy::HybridHistogram,
+    Policy::Kinfer,
+];
 
-fn main() {
+/// The twelve apps of trace `seed`; seed 0 is the committed trace.
+fn apps(seed: u64, jitter: f64) -> Vec<(&'static str, Vec<i32>)> {
     let mut apps = Vec::new();
     for (kind, count) in [("steady", 2), ("diurnal", 3), ("bursty", 3), ("rare", 4)] {
         for i in 0..count {
-            apps.push((kind, trace(kind, (apps.len() * 7 + i + 1) as u64)));
+            let app = (apps.len() * 7 + i + 1) as u64;
+            apps.push((kind, trace(kind, app + seed * 1000, jitter)));
         }
     }
+    apps
+}
+
+/// Per policy (in `POLICIES` order): the total, and the total by app kind.
+fn run(apps: &[(&str, Vec<i32>)]) -> Vec<(Outcome, [Outcome; KINDS.len()])> {
+    POLICIES
+        .iter()
+        .map(|&policy| {
+            let mut total = Outcome::default();
+            let mut by_kind = [Outcome::default(); KINDS.len()];
+            for (kind, demand) in apps {
+                let o = simulate(policy, demand);
+                total += o;
+                by_kind[KINDS.iter().position(|k| k == kind).unwrap()] += o;
+            }
+            (total, by_kind)
+        })
+        .collect()
+}
+
+/// Whether ours (last) has fewer cold starts than `base` at no more warm pod-seconds.
+fn met(ours: &Outcome, base: &Outcome) -> (bool, bool) {
+    (
+        ours.cold < base.cold,
+        ours.warm_pod_seconds <= base.warm_pod_seconds,
+    )
+}
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name} takes a number"))
+        })
+        .unwrap_or(default)
+}
+
+fn main() {
+    // `--seeds N`: traces besides the committed one (seeds `--from S` on); `--show S`: the
+    // trace shown in detail; `--steady-jitter J`: steady apps change level every 300 ± J s
+    // instead of on the 5-minute grid.
+    let seeds = arg("--seeds", 20);
+    let from = arg("--from", 1);
+    let show = arg("--show", 0);
+    let jitter = arg("--steady-jitter", 0) as f64;
+    let apps0 = apps(show, jitter);
     println!(
         "{} apps over {} h, model load {LOAD} s; cold-start rate = scale-up pods with no loaded warm pod",
-        apps.len(),
+        apps0.len(),
         DURATION / 3600
+    );
+    if jitter > 0.0 {
+        println!("steady apps change level every 300 ± {jitter} s");
+    }
+    println!(
+        "trace seed {show}{}:",
+        if show == 0 {
+            " (the committed trace)"
+        } else {
+            ""
+        }
     );
     println!(
         "{:<30} {:>10} {:>8} {:>10} {:>15}   cold / warm pod-hours by app kind",
         "policy", "scale-ups", "cold", "cold rate", "warm pod-hours"
     );
-    let mut results = Vec::new();
-    for policy in [
-        Policy::Fixed(1),
-        Policy::Fixed(3),
-        Policy::OpenWhiskReactive,
-        Policy::HybridHistogram,
-        Policy::Kinfer,
-    ] {
-        let mut total = Outcome::default();
-        let mut by_kind = [Outcome::default(); KINDS.len()];
-        for (kind, demand) in &apps {
-            let o = simulate(policy, demand);
-            total += o;
-            by_kind[KINDS.iter().position(|k| k == kind).unwrap()] += o;
-        }
+    let results = run(&apps0);
+    for (policy, (total, by_kind)) in POLICIES.iter().zip(&results) {
         let kinds: Vec<String> = KINDS
             .iter()
-            .zip(&by_kind)
+            .zip(by_kind)
             .map(|(k, o)| format!("{k} {}/{:.0}", o.cold, o.warm_pod_seconds / 3600.0))
             .collect();
         println!(
@@ -412,15 +489,13 @@ fn main() {
             total.warm_pod_seconds / 3600.0,
             kinds.join(", ")
         );
-        results.push((policy, total));
     }
-    let (_, ours) = *results.last().unwrap();
+    let ours = results.last().unwrap().0;
     println!("goal: fewer cold starts than each baseline at no more warm pod-seconds");
-    let mut met = 0;
-    for (policy, base) in &results[..results.len() - 1] {
-        let fewer = ours.cold < base.cold;
-        let cheaper = ours.warm_pod_seconds <= base.warm_pod_seconds;
-        met += usize::from(fewer && cheaper);
+    let mut count = 0;
+    for (policy, (base, _)) in POLICIES.iter().zip(&results).take(POLICIES.len() - 1) {
+        let (fewer, cheaper) = met(&ours, base);
+        count += usize::from(fewer && cheaper);
         println!(
             "  vs {:<28} cold {:>4} vs {:>4} ({:.2}x) {}, pod-seconds {:>7.0} vs {:>7.0} ({:.2}x) {}: {}",
             policy.name(),
@@ -435,5 +510,121 @@ fn main() {
             if fewer && cheaper { "met" } else { "NOT met" }
         );
     }
-    println!("goal met against {met} of {} baselines", results.len() - 1);
+    println!(
+        "goal met against {count} of {} baselines",
+        POLICIES.len() - 1
+    );
+    if seeds == 0 {
+        return;
+    }
+
+    // The same over more traces of the same generator, one thread per core.
+    let list: Vec<u64> = std::iter::once(0).chain(from..from + seeds).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut per_seed: Vec<(u64, Vec<Outcome>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|k| {
+                let list = &list;
+                s.spawn(move || {
+                    list.iter()
+                        .skip(k)
+                        .step_by(threads)
+                        .map(|&seed| {
+                            let totals = run(&apps(seed, jitter)).into_iter().map(|(t, _)| t);
+                            (seed, totals.collect::<Vec<_>>())
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    per_seed.sort_by_key(|(seed, _)| *seed);
+    println!();
+    println!(
+        "{} traces: seed 0 and seeds {from}..={}; per seed, cold / warm pod-hours, and whether ours meets the goal against each (c: not fewer cold starts, p: more pod-hours)",
+        list.len(),
+        from + seeds - 1
+    );
+    let short = ["fixed-1", "fixed-3", "OpenWhisk", "hybrid", "ours"];
+    print!("{:>6}", "seed");
+    for name in short {
+        print!(" {name:>16}");
+    }
+    println!();
+    for (seed, totals) in &per_seed {
+        let ours = totals.last().unwrap();
+        print!("{seed:>6}");
+        for (i, o) in totals.iter().enumerate() {
+            let mark = if i + 1 == totals.len() {
+                String::new()
+            } else {
+                let (fewer, cheaper) = met(ours, o);
+                format!(
+                    "{}{}",
+                    if fewer { "" } else { "c" },
+                    if cheaper { "" } else { "p" }
+                )
+            };
+            let cell = format!("{}/{:.1}{}", o.cold, o.warm_pod_seconds / 3600.0, mark);
+            print!(" {cell:>16}");
+        }
+        println!();
+    }
+    let mut sum = vec![Outcome::default(); POLICIES.len()];
+    for (_, totals) in &per_seed {
+        for (s, o) in sum.iter_mut().zip(totals) {
+            *s += *o;
+        }
+    }
+    println!(
+        "{:<30} {:>10} {:>8} {:>10} {:>15}",
+        "all traces", "scale-ups", "cold", "cold rate", "warm pod-hours"
+    );
+    for (policy, total) in POLICIES.iter().zip(&sum) {
+        println!(
+            "{:<30} {:>10} {:>8} {:>9.1}% {:>15.1}",
+            policy.name(),
+            total.scale_up_pods,
+            total.cold,
+            100.0 * total.rate(),
+            total.warm_pod_seconds / 3600.0,
+        );
+    }
+    let all = per_seed
+        .iter()
+        .filter(|(_, totals)| {
+            let ours = totals.last().unwrap();
+            totals[..totals.len() - 1]
+                .iter()
+                .all(|base| met(ours, base) == (true, true))
+        })
+        .count();
+    println!(
+        "goal met against all {} baselines on {all} of {} traces",
+        POLICIES.len() - 1,
+        per_seed.len()
+    );
+    for (i, policy) in POLICIES.iter().enumerate().take(POLICIES.len() - 1) {
+        let mut n = 0;
+        let mut worst_cold = f64::NEG_INFINITY;
+        let mut worst_pods = f64::NEG_INFINITY;
+        for (_, totals) in &per_seed {
+            let (ours, base) = (totals.last().unwrap(), &totals[i]);
+            let (fewer, cheaper) = met(ours, base);
+            n += usize::from(fewer && cheaper);
+            worst_cold = worst_cold.max(ours.cold as f64 - base.cold as f64);
+            worst_pods = worst_pods.max(ours.warm_pod_seconds / base.warm_pod_seconds - 1.0);
+        }
+        println!(
+            "goal vs {:<28} met on {n:>2} of {} traces (worst: {:+.0} cold starts, {:+.1}% pod-seconds)",
+            policy.name(),
+            per_seed.len(),
+            worst_cold,
+            100.0 * worst_pods
+        );
+    }
 }
