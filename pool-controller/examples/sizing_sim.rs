@@ -594,6 +594,15 @@ fn main() {
             total.warm_pod_seconds / 3600.0,
         );
     }
+    let ours_total = sum.last().unwrap();
+    let met_in_total = sum[..sum.len() - 1]
+        .iter()
+        .filter(|base| met(ours_total, base) == (true, true))
+        .count();
+    println!(
+        "goal over all traces together (fewer cold starts, no more warm pod-seconds): met against {met_in_total} of {} baselines",
+        POLICIES.len() - 1
+    );
     let all = per_seed
         .iter()
         .filter(|(_, totals)| {
