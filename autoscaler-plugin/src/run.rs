@@ -1,5 +1,6 @@
 //! Wiring: the runtime (admin server, kube client, signals), the watches, the source, the
-//! websocket sender and the forecast publisher around the per-second [`Engine`] round.
+//! websocket sender and the forecast publisher around the [`Engine`] rounds: collected every
+//! `--collect-interval`, reported once a second as [`pacing`] says.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
