@@ -1,6 +1,6 @@
 //! The sink: one `WireStatMessages` frame per second holding one revision-wide stat per
 //! driven revision, `timestamp` 0 (the autoscaler stamps it on receipt), sent through
-//! kinfer-core's [`StatSender`], which reconnects with backoff and never blocks this loop.
+//! kinfer-core's [`StatSender`](kinfer_core::kpa::StatSender), which reconnects with backoff and never blocks this loop.
 
 use kinfer_core::kpa::{Stat, WireStatMessage};
 
