@@ -25,8 +25,9 @@ pub struct Target {
 
 /// Labels the revision's ReplicaSet and Services select on; a warm pod must not carry them.
 /// (`serving.knative.dev/revision` stays: Knative's autoscaler only sees pods that carry
-/// `revisionUID`, and kinfer's webhook selects revision pods by it, so warm pods get exactly
-/// the revision pods' injection.)
+/// `revisionUID`. The template carries kinfer's placement, put there by the webhook when the
+/// revision's Deployment was made; were it unplaced, kinfer's Pod webhook would select warm
+/// pods by that label, so they get exactly the revision pods' injection either way.)
 pub const SELECTED_LABELS: [&str; 2] = [REVISION_UID_LABEL, POD_TEMPLATE_HASH_LABEL];
 
 /// A warm pod for `target`, from the ReplicaSet's pod template: the selected labels swapped

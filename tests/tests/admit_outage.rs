@@ -20,7 +20,8 @@ use tokio::sync::Mutex;
 
 static TURNS: Mutex<()> = Mutex::const_new(());
 
-/// Failure policy for Pods and Services, as webhook/README.md documents it.
+/// Failure policy for Deployments, Pods and Services, as webhook/README.md documents it.
+const DEPLOYMENT_WEBHOOK: &str = "deployments.kinfer.dev";
 const POD_WEBHOOK: &str = "pods.kinfer.dev";
 const SERVICE_WEBHOOK: &str = "services.kinfer.dev";
 
@@ -93,6 +94,71 @@ fn deployment(name: &str, template: serde_json::Value) -> Deployment {
     .unwrap()
 }
 
+/// A Deployment shaped like the one Knative makes for a revision: the revision label on the
+/// Deployment itself (the Deployment webhook's objectSelector) and on its Pods.
+fn revision_deployment(name: &str, replicas: i32) -> Deployment {
+    let mut d = deployment(name, kinfer_pod_template(name));
+    d.metadata.labels =
+        Some([("serving.knative.dev/revision".to_string(), name.to_string())].into());
+    d.spec.replicas = Some(replicas);
+    d
+}
+
+fn template_has_wrapper(d: &Deployment) -> bool {
+    let template = &d.spec.template;
+    let placed = template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.as_ref())
+        .and_then(|l| l.get("kinfer.dev/placed"))
+        .is_some();
+    let init = template
+        .spec
+        .as_ref()
+        .and_then(|s| s.init_containers.as_ref());
+    placed && init.is_some_and(|i| i.iter().any(|c| c.name == "kinfer-wrapper-install"))
+}
+
+/// Ready Pods with the wrapper, of the Deployment whose Pods are labelled `app=<app>`.
+async fn ready_wrapped_pods(client: &kube::Client, ns: &str, app: &str) -> anyhow::Result<usize> {
+    let list = pods(client, ns, &format!("app={app}")).await?;
+    Ok(list
+        .iter()
+        .filter(|p| pod_ready(p) && has_wrapper(p))
+        .count())
+}
+
+#[tokio::test]
+async fn knatives_spec_rewrite_is_placed_again() -> anyhow::Result<()> {
+    let _turn = TURNS.lock().await;
+    let client = client().await?;
+    let ns = namespace(&client, "admit-rewrite").await?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let created = deployments
+        .create(&PostParams::default(), &revision_deployment("rev", 0))
+        .await?;
+    assert!(template_has_wrapper(&created), "{created:?}");
+    // Knative's drift update puts its own (unplaced) spec back when its wanted Deployment
+    // changes, e.g. a new queue-proxy image: the webhook places it again.
+    let mut rewritten = created.clone();
+    // Unconditional (the Deployment controller writes its status meanwhile).
+    rewritten.metadata.resource_version = None;
+    let mut template: k8s_openapi::api::core::v1::PodTemplateSpec =
+        serde_json::from_value(kinfer_pod_template("rev"))?;
+    template.spec.as_mut().unwrap().containers[0].image = Some("dev.local/model:v2".into());
+    rewritten.spec.template = template;
+    let updated = deployments
+        .replace("rev", &PostParams::default(), &rewritten)
+        .await?;
+    assert!(template_has_wrapper(&updated), "{updated:?}");
+    let image = &updated.spec.template.spec.as_ref().unwrap().containers[0].image;
+    assert_eq!(image.as_deref(), Some("dev.local/model:v2"));
+    Api::<Namespace>::all(client.clone())
+        .delete(&ns, &DeleteParams::default())
+        .await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn an_outage_blocks_only_kinfer_pods_and_services() -> anyhow::Result<()> {
     let _turn = TURNS.lock().await;
@@ -101,6 +167,17 @@ async fn an_outage_blocks_only_kinfer_pods_and_services() -> anyhow::Result<()> 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     let pod_api: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let services = knative::services(&client, &ns);
+
+    // A revision placed before the outage.
+    let placed = deployments
+        .create(&PostParams::default(), &revision_deployment("placed", 1))
+        .await?;
+    assert!(template_has_wrapper(&placed), "{placed:?}");
+    poll(Duration::from_secs(60), || async {
+        Ok(ready_wrapped_pods(&client, &ns, "placed").await? == 1)
+    })
+    .await
+    .context("the placed revision's first Pod")?;
 
     let stopped = Stopped::webhook()?;
     let started = Instant::now();
@@ -191,13 +268,54 @@ async fn an_outage_blocks_only_kinfer_pods_and_services() -> anyhow::Result<()> 
         assert!(pods(&client, &ns, "app=waits").await?.is_empty());
         anyhow::Ok(message)
     };
-    let (plain, plain_ksvc, kinfer_ksvc, kinfer_pod_create, waiting) =
-        tokio::join!(plain, plain_ksvc, kinfer_ksvc, kinfer_pod_create, waiting);
+    // A placed revision scales, as the KPA scales it (a patch of the Deployment's replicas):
+    // the patch leaves the template alone, so it is not sent to the webhook, and the new Pod,
+    // made from the placed template, is not sent either.
+    let scale_placed = async {
+        deployments
+            .patch(
+                "placed",
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "spec": { "replicas": 2 } })),
+            )
+            .await?;
+        poll(Duration::from_secs(30), || async {
+            Ok(ready_wrapped_pods(&client, &ns, "placed").await? == 2)
+        })
+        .await?;
+        anyhow::Ok(())
+    };
+    // A new revision waits: its Deployment is refused (Knative retries and says why).
+    let new_revision = async {
+        let err = deployments
+            .create(
+                &PostParams::default(),
+                &revision_deployment("new-revision", 1),
+            )
+            .await
+            .expect_err("a new kinfer revision's Deployment must not be admitted unplaced");
+        anyhow::Ok(err.to_string())
+    };
+    let (plain, plain_ksvc, kinfer_ksvc, kinfer_pod_create, waiting, scale_placed, new_revision) = tokio::join!(
+        plain,
+        plain_ksvc,
+        kinfer_ksvc,
+        kinfer_pod_create,
+        waiting,
+        scale_placed,
+        new_revision
+    );
     let outage = started.elapsed();
     drop(stopped);
     plain.context("plain Deployment during the outage")?;
     plain_ksvc.context("Knative Service without kinfer annotations during the outage")?;
     eprintln!("outside the scope, all Ready within {outage:?} of the outage");
+    scale_placed.context("scaling a placed revision during the outage")?;
+    let message = new_revision?;
+    assert!(
+        message.contains(&format!("failed calling webhook \"{DEPLOYMENT_WEBHOOK}\"")),
+        "{message}"
+    );
 
     let message = kinfer_ksvc?;
     assert!(

@@ -1,9 +1,11 @@
 //! kinfer's admission webhook on the local control plane (`hack/with-cluster --kinfer`): the
-//! real apiserver calls it over TLS through its Service, for the Pods Knative creates and for
-//! the Knative Services themselves.
+//! real apiserver calls it over TLS through its Service, for the Deployments Knative creates
+//! for revisions (whose Pods are then created already placed), for revision Pods of templates
+//! it did not place, and for the Knative Services themselves.
 
 use std::time::Duration;
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Container, Pod};
 use kinfer_tests::knative::{self, ready};
 use kinfer_tests::{client, namespace, pods, poll, unschedulable_message, wait_for};
@@ -120,6 +122,17 @@ async fn a_gpu_service_is_placed_on_the_80g_node() -> anyhow::Result<()> {
         .find(|c| c.name == "queue-proxy")
         .unwrap();
     assert_eq!(limit(qp, "nvidia.com/gpu"), None);
+    // The placement was made once, on the revision's Deployment: its template carries it, and
+    // the Pod was created without a call to the webhook.
+    let template = revision_template(&client, &ns, "llm").await?;
+    let template_user = template
+        .containers
+        .iter()
+        .find(|c| c.name == "user-container")
+        .unwrap();
+    assert_eq!(limit(template_user, "nvidia.com/gpu").as_deref(), Some("1"));
+    assert_eq!(template.runtime_class_name.as_deref(), Some("nvidia"));
+    assert_calls(&ns, 1, 0)?;
     // Give the GPU back for the tests that count them.
     delete_namespace(&client, &ns).await
 }
@@ -293,10 +306,8 @@ async fn a_handler_pod_gets_the_wrapper() -> anyhow::Result<()> {
     assert_eq!(limit(user, "nvidia.com/gpu"), None);
     assert_eq!(spec.runtime_class_name, None);
 
-    // The init container is there once, with the API token mounted once, as the
-    // ServiceAccount plugin mounted it into the other containers: the webhook gave it the
-    // plugin's mount, so the plugin's rerun after the patch changed nothing and the apiserver
-    // called the webhook once for this Pod (no IfNeeded reinvocation).
+    // The init container is there once, and the ServiceAccount plugin mounted the API token
+    // into it as into the other containers (it came with the template).
     let names = init_container_names(&pod);
     assert_eq!(
         names
@@ -306,30 +317,97 @@ async fn a_handler_pod_gets_the_wrapper() -> anyhow::Result<()> {
         1,
         "{names:?}"
     );
-    let token = |c: &Container| {
-        c.volume_mounts
-            .iter()
-            .flatten()
-            .filter(|m| m.mount_path == TOKEN_PATH)
-            .map(|m| m.name.clone())
-            .collect::<Vec<_>>()
-    };
     let user_token = token(user);
     assert_eq!(user_token.len(), 1, "{user_token:?}");
     assert_eq!(token(init), user_token);
-    // One Pod, one call.
-    let calls = webhook_calls(&ns, "mutate-pods")?;
+    // Placed once on the revision's Deployment; the Pod needed no call.
+    assert_calls(&ns, 1, 0)?;
+
+    // A revision Pod made without a placed template (by hand here; a Deployment from before
+    // kinfer was installed alike) is placed by the Pod webhook, in one call: the webhook gave
+    // the init container the ServiceAccount plugin's own mount, so the plugin's rerun after
+    // the patch changed nothing and the apiserver did not call again (IfNeeded).
+    let direct: Pod = serde_json::from_value(json!({
+        "metadata": {
+            "name": "direct",
+            "labels": { "serving.knative.dev/revision": "direct-00001" },
+            "annotations": { "kinfer.dev/handler": "model:predict" }
+        },
+        "spec": { "containers": [{ "name": "user-container", "image": "dev.local/model" }] }
+    }))?;
+    let direct = kube::Api::<Pod>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &direct)
+        .await?;
+    let names = init_container_names(&direct);
+    assert_eq!(names, ["kinfer-wrapper-install"]);
+    let user = user_container(&direct);
+    let init = &direct
+        .spec
+        .as_ref()
+        .unwrap()
+        .init_containers
+        .as_ref()
+        .unwrap()[0];
+    let user_token = token(user);
+    assert_eq!(user_token.len(), 1, "{user_token:?}");
+    assert_eq!(token(init), user_token);
+    assert_calls(&ns, 1, 1)?;
+    Ok(())
+}
+
+/// The pod template of the Deployment of a Service's (only) revision.
+async fn revision_template(
+    client: &kube::Client,
+    ns: &str,
+    service: &str,
+) -> anyhow::Result<k8s_openapi::api::core::v1::PodSpec> {
+    let list = kube::Api::<Deployment>::namespaced(client.clone(), ns)
+        .list(
+            &kube::api::ListParams::default()
+                .labels(&format!("serving.knative.dev/service={service}")),
+        )
+        .await?;
+    let [deployment] = &list.items[..] else {
+        anyhow::bail!("{} Deployments for {service}", list.items.len());
+    };
+    let template = &deployment.spec.template;
+    let labels = template.metadata.as_ref().and_then(|m| m.labels.as_ref());
     assert_eq!(
-        calls.len(),
-        1,
-        "the apiserver called the webhook {} times for the one Pod:\n{}",
-        calls.len(),
-        calls.join("\n")
+        labels
+            .and_then(|l| l.get("kinfer.dev/placed"))
+            .map(String::as_str),
+        Some("template")
     );
+    Ok(template.spec.clone().unwrap())
+}
+
+/// The apiserver called `deployments.kinfer.dev` and `pods.kinfer.dev` this often for objects
+/// in `ns`.
+fn assert_calls(ns: &str, deployments: usize, pods: usize) -> anyhow::Result<()> {
+    for (webhook, expected) in [("mutate-deployments", deployments), ("mutate-pods", pods)] {
+        let calls = webhook_calls(ns, webhook)?;
+        assert_eq!(
+            calls.len(),
+            expected,
+            "the apiserver called {webhook} {} times:\n{}",
+            calls.len(),
+            calls.join("\n")
+        );
+    }
     Ok(())
 }
 
 const TOKEN_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// The volumes a container has mounted at the API-token path.
+fn token(c: &Container) -> Vec<String> {
+    c.volume_mounts
+        .iter()
+        .flatten()
+        .filter(|m| m.mount_path == TOKEN_PATH)
+        .map(|m| m.name.clone())
+        .collect()
+}
 
 /// The webhook's log lines (one per call it answered) for objects in `ns`, from the log that
 /// `hack/with-cluster` keeps for it.

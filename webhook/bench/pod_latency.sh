@@ -32,17 +32,19 @@ if [[ ${1:-} == --inside ]]; then
   metrics | sed 's/^/  /'
   echo "  TLS connections accepted (client's ALPN choice): $(grep -c 'TLS connection' "$log" || true)" \
     "$(grep -o 'alpn=[^ ]*' "$log" | sort | uniq -c | tr -s ' ' | tr '\n' ' ')"
-  # The apiserver's view: its mean time per call of the Pod webhook (request encoding, the
-  # call, patch decoding and application) and per Pod create (warm-up and the namespace's own
-  # Pods included).
+  # The apiserver's view: its mean time per call of each kinfer webhook (request encoding,
+  # the call, patch decoding and application) and per Pod create (warm-up and the
+  # namespace's own Pods included).
   kubectl get --raw /metrics >"$KINFER_CLUSTER_DIR/apiserver-metrics.txt"
   awk '
-    /^apiserver_admission_webhook_admission_duration_seconds_(sum|count)\{name="pods.kinfer.dev",operation="CREATE"/ {
-      if ($1 ~ /_sum/) ws += $2; else wc += $2 }
+    /^apiserver_admission_webhook_admission_duration_seconds_(sum|count)\{name="(pods|deployments).kinfer.dev"/ {
+      match($1, /name="[a-z.]*"/); w = substr($1, RSTART + 6, RLENGTH - 7)
+      if ($1 ~ /_sum/) ws[w] += $2; else wc[w] += $2 }
     /^apiserver_request_duration_seconds_(sum|count)\{.*resource="pods",scope="resource",subresource="",verb="POST"/ {
       if ($1 ~ /_sum/) ps += $2; else pc += $2 }
     END {
-      printf "the apiserver'"'"'s view:\n  pods.kinfer.dev: %d calls, mean %.2f ms per call\n", wc, wc ? ws / wc * 1000 : 0
+      print "the apiserver'"'"'s view:"
+      for (w in wc) printf "  %s: %d calls, mean %.2f ms per call\n", w, wc[w], wc[w] ? ws[w] / wc[w] * 1000 : 0
       printf "  POST pods: %d, mean %.2f ms (all variants)\n", pc, pc ? ps / pc * 1000 : 0
     }' "$KINFER_CLUSTER_DIR/apiserver-metrics.txt"
   if [[ -n ${KINFER_BENCH_APISERVER_METRICS:-} ]]; then

@@ -2,7 +2,8 @@
 //!
 //! | route | webhook | objects |
 //! |---|---|---|
-//! | `POST /mutate-pods` | mutating `pods.kinfer.dev` | Pods of Knative revisions with `kinfer.dev/*` annotations |
+//! | `POST /mutate-deployments` | mutating `deployments.kinfer.dev` | Deployments of Knative revisions whose pod template has `kinfer.dev/*` annotations |
+//! | `POST /mutate-pods` | mutating `pods.kinfer.dev` | Pods of Knative revisions with `kinfer.dev/*` annotations whose template was not placed |
 //! | `POST /validate-services` | validating `services.kinfer.dev` | `serving.knative.dev` Services and Configurations |
 //!
 //! Bad input never crashes it: a body that is not an AdmissionReview (malformed, truncated,
@@ -19,7 +20,7 @@ use arc_swap::ArcSwap;
 use bytes::{Buf, Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use json_patch::Patch;
-use k8s_openapi::api::core::v1::{Pod, PodSpec};
+use k8s_openapi::api::core::v1::{Pod, PodSpec, PodTemplateSpec};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
@@ -36,6 +37,7 @@ use crate::placement;
 /// request limit is 1.5 MiB), and a review carries the object once for CREATE.
 pub const MAX_BODY_BYTES: u64 = 3 * 1024 * 1024;
 
+pub const MUTATE_DEPLOYMENTS_PATH: &str = "mutate-deployments";
 pub const MUTATE_PODS_PATH: &str = "mutate-pods";
 pub const VALIDATE_SERVICES_PATH: &str = "validate-services";
 
@@ -102,6 +104,7 @@ impl Admission {
 
 #[derive(Clone, Copy, Debug)]
 enum Webhook {
+    MutateDeployments,
     MutatePods,
     ValidateServices,
 }
@@ -109,6 +112,7 @@ enum Webhook {
 impl Webhook {
     fn name(self) -> &'static str {
         match self {
+            Webhook::MutateDeployments => MUTATE_DEPLOYMENTS_PATH,
             Webhook::MutatePods => MUTATE_PODS_PATH,
             Webhook::ValidateServices => VALIDATE_SERVICES_PATH,
         }
@@ -132,6 +136,8 @@ pub fn routes(
             })
     };
     with(Webhook::MutatePods)
+        .or(with(Webhook::MutateDeployments))
+        .unify()
         .or(with(Webhook::ValidateServices))
         .unify()
 }
@@ -255,6 +261,7 @@ impl Admission {
 
         let config = self.config.load();
         let verdict = match webhook {
+            Webhook::MutateDeployments => mutate_deployment(&request, &config),
             Webhook::MutatePods => mutate_pod(&request, &config),
             Webhook::ValidateServices => validate_service(&request, &config),
         };
@@ -383,7 +390,71 @@ fn mutate_pod(request: &AdmissionRequest<DynamicObject>, config: &KinferConfig) 
         Ok(p) => p,
         Err(e) => return Verdict::deny(format!("kinfer: the Pod does not decode: {e}"), warnings),
     };
-    match placement::place(&spec, config, &pod) {
+    patched(placement::place(&spec, config, &pod), warnings)
+}
+
+/// Places the pod template of a Knative revision's Deployment, on CREATE and on any UPDATE
+/// that changes the template (Knative rewrites the whole spec when its own wanted Deployment
+/// changes, and that must not strip the placement; the webhook configuration's
+/// matchCondition keeps scale patches away). Idempotent: an already placed template gets no
+/// patch. A template that cannot be placed denies the Deployment, and Knative shows the
+/// message in the revision's status.
+fn mutate_deployment(request: &AdmissionRequest<DynamicObject>, config: &KinferConfig) -> Verdict {
+    let gvk = &request.kind;
+    if !(gvk.group == "apps" && gvk.kind == "Deployment") {
+        return Verdict::ignore(format!(
+            "kinfer-webhook: {} does not handle {}; admitted unchanged",
+            MUTATE_DEPLOYMENTS_PATH,
+            describe(gvk)
+        ));
+    }
+    if !matches!(request.operation, Operation::Create | Operation::Update) {
+        return Verdict::allow();
+    }
+    let Some(object) = &request.object else {
+        return Verdict::allow();
+    };
+    let is_revision = object
+        .metadata
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(REVISION_LABEL));
+    let template = object.data.get("spec").and_then(|s| s.get("template"));
+    let annotations = string_map(
+        template
+            .and_then(|t| t.get("metadata"))
+            .and_then(|m| m.get("annotations")),
+    );
+    if !is_revision || !annotations::has_kinfer_annotations(annotations.keys()) {
+        return Verdict::allow();
+    }
+    let Parsed { spec, warnings } = match annotations::parse(&annotations) {
+        Ok(p) => p,
+        Err(errors) => return Verdict::deny(format!("kinfer: {errors}"), Vec::new()),
+    };
+    let template: PodTemplateSpec = match template.cloned().map(serde_json::from_value) {
+        Some(Ok(t)) => t,
+        Some(Err(e)) => {
+            return Verdict::deny(
+                format!("kinfer: the Deployment's pod template does not decode: {e}"),
+                warnings,
+            );
+        }
+        None => return Verdict::allow(),
+    };
+    patched(
+        placement::place_template(&spec, config, &template),
+        warnings,
+    )
+}
+
+/// The verdict for a placement: denied with its error, or admitted with its patch (if any)
+/// and every warning.
+fn patched(
+    placed: Result<placement::Mutation, placement::PlacementError>,
+    warnings: Vec<String>,
+) -> Verdict {
+    match placed {
         Err(e) => Verdict::deny(format!("kinfer: {e}"), warnings),
         Ok(mutation) => {
             let (patch, mut more) = mutation.into_patch();

@@ -4,10 +4,12 @@
 //! - [`annotations`]: the `kinfer.dev/*` annotations → a typed [`annotations::KinferSpec`],
 //!   with messages that name the annotation, the value and what is allowed.
 //! - [`config`]: the `kinfer-config` ConfigMap → [`config::KinferConfig`].
-//! - [`placement`]: spec × config × Pod → minimal JSON Patch + warnings.
+//! - [`placement`]: spec × config × Pod (or a Deployment's pod template) → minimal JSON
+//!   Patch + warnings.
 //!
 //! Edges:
-//! - [`admission`]: the warp routes (`POST /mutate-pods`, `POST /validate-services`).
+//! - [`admission`]: the warp routes (`POST /mutate-deployments`, `POST /mutate-pods`,
+//!   `POST /validate-services`).
 //! - [`tls`], [`cert_store`], [`server`]: certificates, their Secret, the rustls listener.
 //! - [`webhook_config`]: the webhook configurations, built in code and applied.
 //! - [`args`], [`run`]: flags and wiring.

@@ -23,7 +23,7 @@
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, Toleration};
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, PodTemplateSpec, Toleration};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use serde_json::{Value, json};
 
@@ -43,12 +43,20 @@ const SERVICE_LABEL: &str = "serving.knative.dev/service";
 /// container, and the prefix of the projected volume it adds for it (`kube-api-access-xxxxx`).
 pub const SERVICE_ACCOUNT_MOUNT_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 const SERVICE_ACCOUNT_VOLUME_PREFIX: &str = "kube-api-access-";
+/// The label [`place_template`] puts on a pod template it has placed. Pods made from that
+/// template are created already placed, and the Pod webhook's objectSelector leaves Pods with
+/// this label out, so they are created without an admission call.
+pub const PLACED_LABEL: &str = "kinfer.dev/placed";
+pub const PLACED_VALUE: &str = "template";
 
-/// The patch for one Pod and what the user should know about it.
+/// The patch for one Pod (or pod template) and what the user should know about it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Mutation {
     pub patch: Vec<PatchOperation>,
     pub warnings: Vec<String>,
+    /// Where the Pod sits in the patched object: the root for a Pod, `/spec/template` for a
+    /// Deployment. Every path in `patch` starts with it.
+    root: PointerBuf,
 }
 
 impl Mutation {
@@ -79,7 +87,59 @@ pub fn place(
     config: &KinferConfig,
     pod: &Pod,
 ) -> Result<Mutation, PlacementError> {
-    let mut m = Mutation::default();
+    place_under(spec, config, pod, PointerBuf::new())
+}
+
+/// Decides the patch for a Deployment whose pod template is `template`: the placement
+/// [`place`] would give each of its Pods, at `/spec/template`, plus [`PLACED_LABEL`] on the
+/// template. Placing the template once per revision instead of every Pod takes the webhook
+/// out of the path of Pod creation (scale-ups, warm pools); the template of an already
+/// placed Deployment gets an empty patch.
+pub fn place_template(
+    spec: &KinferSpec,
+    config: &KinferConfig,
+    template: &PodTemplateSpec,
+) -> Result<Mutation, PlacementError> {
+    let pod = Pod {
+        metadata: template.metadata.clone().unwrap_or_default(),
+        spec: template.spec.clone(),
+        status: None,
+    };
+    let root = PointerBuf::from_tokens(["spec", "template"]);
+    let mut m = place_under(spec, config, &pod, root)?;
+    let labels = pod.metadata.labels.as_ref();
+    match labels.and_then(|l| l.get(PLACED_LABEL)) {
+        Some(v) if v == PLACED_VALUE => {}
+        _ if template.metadata.is_none() => add(
+            &mut m,
+            &["metadata"],
+            json!({ "labels": { PLACED_LABEL: PLACED_VALUE } }),
+        ),
+        _ if labels.is_none() => add(
+            &mut m,
+            &["metadata", "labels"],
+            json!({ PLACED_LABEL: PLACED_VALUE }),
+        ),
+        // `add` on an existing member replaces it (RFC 6902).
+        _ => add(
+            &mut m,
+            &["metadata", "labels", PLACED_LABEL],
+            json!(PLACED_VALUE),
+        ),
+    }
+    Ok(m)
+}
+
+fn place_under(
+    spec: &KinferSpec,
+    config: &KinferConfig,
+    pod: &Pod,
+    root: PointerBuf,
+) -> Result<Mutation, PlacementError> {
+    let mut m = Mutation {
+        root,
+        ..Mutation::default()
+    };
     if spec.is_noop() {
         return Ok(m);
     }
@@ -137,7 +197,9 @@ pub fn user_container(pod: &Pod) -> Option<usize> {
 
 fn add(m: &mut Mutation, path: &[&str], value: Value) {
     m.patch.push(PatchOperation::Add(AddOperation {
-        path: PointerBuf::from_tokens(path.iter().copied()),
+        path: m
+            .root
+            .concat(&PointerBuf::from_tokens(path.iter().copied())),
         value,
     }));
 }

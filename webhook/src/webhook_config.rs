@@ -2,10 +2,23 @@
 //! apply at start-up (and again whenever the CA bundle changes).
 //!
 //! Scope and failure policy, deliberately:
-//! - **Pods** (`MutatingWebhookConfiguration kinfer-webhook`, webhook `pods.kinfer.dev`): only
-//!   Pod CREATEs whose labels carry `serving.knative.dev/revision` (objectSelector) *and* whose
-//!   annotations have a `kinfer.dev/` key (a CEL matchCondition, evaluated by the apiserver)
-//!   are sent. Every other Pod never reaches the webhook, so an outage cannot block it.
+//! - **Deployments** (`MutatingWebhookConfiguration kinfer-webhook`, webhook
+//!   `deployments.kinfer.dev`): a revision's placement is decided once, on the pod template of
+//!   the Deployment Knative makes for it, so its Pods are created already placed and never
+//!   wait for an admission call (scale-ups, warm pools). Sent: Deployments labelled
+//!   `serving.knative.dev/revision` (objectSelector) whose template has a `kinfer.dev/`
+//!   annotation, on CREATE, and on UPDATE only when the template changes (matchConditions).
+//!   Knative rewrites the whole spec when its own wanted Deployment changes (a new queue-proxy
+//!   image, say), which must not strip the placement; the KPA's scale patches leave the
+//!   template alone, so they never reach the webhook and an outage cannot stop a revision
+//!   from scaling. `Fail`: a new revision waits (its status says why) rather than run its
+//!   Pods unplaced. `reinvocationPolicy: IfNeeded` as for Pods.
+//! - **Pods** (same configuration, webhook `pods.kinfer.dev`): the fallback for revision Pods
+//!   whose template was not placed (Deployments from before kinfer was installed, Pods made
+//!   by hand). Only Pod CREATEs whose labels carry `serving.knative.dev/revision` and not
+//!   `kinfer.dev/placed` (objectSelector) *and* whose annotations have a `kinfer.dev/` key (a
+//!   CEL matchCondition, evaluated by the apiserver) are sent. Every other Pod never reaches
+//!   the webhook, so an outage cannot block it.
 //!   Inside that scope the policy is `Fail`: a GPU revision Pod admitted without its GPU,
 //!   toleration and runtime class would run in the wrong place, so it waits instead; the
 //!   ReplicaSet retries with back-off and the Pods appear once the webhook is back.
@@ -32,16 +45,22 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 
-use crate::admission::{MUTATE_PODS_PATH, VALIDATE_SERVICES_PATH};
+use crate::admission::{MUTATE_DEPLOYMENTS_PATH, MUTATE_PODS_PATH, VALIDATE_SERVICES_PATH};
+use crate::placement::PLACED_LABEL;
 
 /// Default name of both configurations (`--configuration-name`).
 pub const CONFIGURATION_NAME: &str = "kinfer-webhook";
 pub const POD_WEBHOOK: &str = "pods.kinfer.dev";
+pub const DEPLOYMENT_WEBHOOK: &str = "deployments.kinfer.dev";
 pub const SERVICE_WEBHOOK: &str = "services.kinfer.dev";
 pub const FIELD_MANAGER: &str = "kinfer-webhook";
 pub const TIMEOUT: Duration = Duration::from_secs(5);
 
 const POD_CONDITION: &str = "has(object.metadata.annotations) && object.metadata.annotations.exists(k, k.startsWith('kinfer.dev/'))";
+const TEMPLATE_CONDITION: &str = "has(object.spec.template.metadata) && has(object.spec.template.metadata.annotations) && object.spec.template.metadata.annotations.exists(k, k.startsWith('kinfer.dev/'))";
+/// CREATE, or an UPDATE that touches the pod template (not a scale patch).
+const TEMPLATE_CHANGED_CONDITION: &str =
+    "request.operation == 'CREATE' || object.spec.template != oldObject.spec.template";
 const SERVICE_CONDITION: &str = "has(object.spec) && has(object.spec.template) && has(object.spec.template.metadata) && has(object.spec.template.metadata.annotations) && object.spec.template.metadata.annotations.exists(k, k.startsWith('kinfer.dev/'))";
 
 /// Where the apiserver sends admissions.
@@ -92,25 +111,48 @@ fn common(webhook: &str, target: &Target, path: &str, ca_bundle: Option<&[u8]>) 
     })
 }
 
-/// The Pod webhook configuration.
+/// The Pod and Deployment webhook configuration.
 pub fn mutating(
     name: &str,
     target: &Target,
     ca_bundle: Option<&[u8]>,
 ) -> MutatingWebhookConfiguration {
-    let mut webhook = common(POD_WEBHOOK, target, MUTATE_PODS_PATH, ca_bundle);
-    let extra = json!({
-        "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
-        "objectSelector": {"matchExpressions": [{"key": "serving.knative.dev/revision", "operator": "Exists"}]},
-        "matchConditions": [{"name": "has-kinfer-annotations", "expression": POD_CONDITION}],
-        "reinvocationPolicy": "IfNeeded",
-    });
-    merge(&mut webhook, extra);
+    let mut pods = common(POD_WEBHOOK, target, MUTATE_PODS_PATH, ca_bundle);
+    merge(
+        &mut pods,
+        json!({
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
+            "objectSelector": {"matchExpressions": [
+                {"key": "serving.knative.dev/revision", "operator": "Exists"},
+                {"key": PLACED_LABEL, "operator": "DoesNotExist"},
+            ]},
+            "matchConditions": [{"name": "has-kinfer-annotations", "expression": POD_CONDITION}],
+            "reinvocationPolicy": "IfNeeded",
+        }),
+    );
+    let mut deployments = common(
+        DEPLOYMENT_WEBHOOK,
+        target,
+        MUTATE_DEPLOYMENTS_PATH,
+        ca_bundle,
+    );
+    merge(
+        &mut deployments,
+        json!({
+            "rules": [{"operations": ["CREATE", "UPDATE"], "apiGroups": ["apps"], "apiVersions": ["v1"], "resources": ["deployments"], "scope": "Namespaced"}],
+            "objectSelector": {"matchExpressions": [{"key": "serving.knative.dev/revision", "operator": "Exists"}]},
+            "matchConditions": [
+                {"name": "has-kinfer-annotations", "expression": TEMPLATE_CONDITION},
+                {"name": "template-changed", "expression": TEMPLATE_CHANGED_CONDITION},
+            ],
+            "reinvocationPolicy": "IfNeeded",
+        }),
+    );
     serde_json::from_value(json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
         "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER}},
-        "webhooks": [webhook],
+        "webhooks": [pods, deployments],
     }))
     .expect("a valid MutatingWebhookConfiguration")
 }
@@ -192,10 +234,18 @@ mod tests {
         assert_eq!(w.reinvocation_policy.as_deref(), Some("IfNeeded"));
         assert_eq!(w.admission_review_versions, ["v1"]);
         let selector = w.object_selector.as_ref().unwrap();
-        let expr = &selector.match_expressions.as_ref().unwrap()[0];
+        let exprs: Vec<_> = selector
+            .match_expressions
+            .iter()
+            .flatten()
+            .map(|e| (e.key.as_str(), e.operator.as_str()))
+            .collect();
         assert_eq!(
-            (expr.key.as_str(), expr.operator.as_str()),
-            ("serving.knative.dev/revision", "Exists")
+            exprs,
+            [
+                ("serving.knative.dev/revision", "Exists"),
+                ("kinfer.dev/placed", "DoesNotExist")
+            ]
         );
         let cond = &w.match_conditions.as_ref().unwrap()[0];
         assert!(cond.expression.contains("startsWith('kinfer.dev/')"));
@@ -213,6 +263,43 @@ mod tests {
         let json = serde_json::to_value(&m).unwrap();
         assert_eq!(json["webhooks"][0]["clientConfig"]["caBundle"], "Q0E=");
         assert_eq!(json["kind"], "MutatingWebhookConfiguration");
+    }
+
+    #[test]
+    fn deployment_webhook_sees_template_changes_of_revision_deployments_only() {
+        let m = mutating(CONFIGURATION_NAME, &service(), None);
+        let w = &m.webhooks.as_ref().unwrap()[1];
+        assert_eq!(w.name, "deployments.kinfer.dev");
+        assert_eq!(w.failure_policy.as_deref(), Some("Fail"));
+        assert_eq!(w.side_effects, "None");
+        let rule = &w.rules.as_ref().unwrap()[0];
+        assert_eq!(
+            rule.operations.as_deref(),
+            Some(&["CREATE".to_string(), "UPDATE".to_string()][..])
+        );
+        assert_eq!(rule.api_groups.as_deref(), Some(&["apps".to_string()][..]));
+        assert_eq!(
+            rule.resources.as_deref(),
+            Some(&["deployments".to_string()][..])
+        );
+        let expr = &w
+            .object_selector
+            .as_ref()
+            .unwrap()
+            .match_expressions
+            .as_ref()
+            .unwrap()[0];
+        assert_eq!(expr.key, "serving.knative.dev/revision");
+        let conditions: Vec<_> = w
+            .match_conditions
+            .iter()
+            .flatten()
+            .map(|c| c.expression.as_str())
+            .collect();
+        assert!(conditions[0].contains("object.spec.template.metadata.annotations.exists"));
+        assert!(conditions[1].contains("object.spec.template != oldObject.spec.template"));
+        let svc = w.client_config.service.as_ref().unwrap();
+        assert_eq!(svc.path.as_deref(), Some("/mutate-deployments"));
     }
 
     #[tokio::test]

@@ -449,7 +449,7 @@ async fn oversize_body_is_413() {
 #[tokio::test]
 async fn wrong_path_and_method() {
     let (admission, _) = admission();
-    let answer = post(&admission, "/mutate-deployments", "{}").await;
+    let answer = post(&admission, "/mutate-replicasets", "{}").await;
     assert_eq!(answer.status, 404);
     let routes = routes(admission.clone()).recover(recover);
     let res = warp::test::request()
@@ -502,5 +502,170 @@ async fn handler_pod_gets_the_wrapper() {
     assert_eq!(
         pod["spec"]["containers"][0]["args"],
         json!(["--handler", "model:predict", "--model-name", "hello"])
+    );
+}
+
+/// The Deployment Knative makes for a revision (trimmed), with `annotations` on its template.
+fn revision_deployment(annotations: Value) -> Value {
+    let labels = json!({
+        "serving.knative.dev/revision": "hello-00001",
+        "serving.knative.dev/revisionUID": "2f5c",
+        "serving.knative.dev/service": "hello",
+        "app": "hello-00001"
+    });
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "hello-00001-deployment", "namespace": "default", "labels": labels},
+        "spec": {
+            "replicas": 0,
+            "selector": {"matchLabels": {"serving.knative.dev/revisionUID": "2f5c"}},
+            "template": {
+                "metadata": {"labels": labels, "annotations": annotations},
+                "spec": {"containers": [
+                    {"name": "user-container", "image": "hello", "ports": [{"containerPort": 8080}]},
+                    {"name": "queue-proxy", "image": "queue"}
+                ]}
+            }
+        }
+    })
+}
+
+fn deployment_review(operation: &str, object: Value, old: Value) -> Value {
+    let mut r = review("apps", "v1", "Deployment", operation, object);
+    r["request"]["oldObject"] = old;
+    r
+}
+
+#[tokio::test]
+async fn a_revision_deployment_gets_its_pods_placement_on_the_template() {
+    let (admission, registry) = admission();
+    let annotations =
+        json!({"kinfer.dev/accelerator": "gpu", "kinfer.dev/handler": "model:predict"});
+    let deployment = revision_deployment(annotations.clone());
+    let response = admit(
+        &admission,
+        "/mutate-deployments",
+        deployment_review("CREATE", deployment.clone(), Value::Null),
+    )
+    .await;
+    assert_eq!(response["allowed"], true);
+    let placed = apply(&response, deployment.clone());
+    let template = &placed["spec"]["template"];
+    // What the Pod webhook gives such a Pod, on the template instead.
+    let pod = apply(
+        &admit(
+            &admission,
+            "/mutate-pods",
+            review("", "v1", "Pod", "CREATE", revision_pod(annotations)),
+        )
+        .await,
+        revision_pod(json!({})),
+    );
+    assert_eq!(template["spec"], pod["spec"]);
+    assert_eq!(
+        template["metadata"]["labels"]["kinfer.dev/placed"],
+        "template"
+    );
+    // The rest of the Deployment is Knative's.
+    assert_eq!(placed["metadata"], deployment["metadata"]);
+    assert_eq!(placed["spec"]["selector"], deployment["spec"]["selector"]);
+
+    // Knative rewrites the spec when its own wanted Deployment changes: the update is placed
+    // again; an update that keeps the placement gets no patch.
+    let stripped = deployment_review("UPDATE", deployment.clone(), placed.clone());
+    let again = apply(
+        &admit(&admission, "/mutate-deployments", stripped).await,
+        deployment,
+    );
+    assert_eq!(again, placed);
+    let kept = admit(
+        &admission,
+        "/mutate-deployments",
+        deployment_review("UPDATE", placed.clone(), placed),
+    )
+    .await;
+    assert_eq!(kept["allowed"], true);
+    assert!(kept.get("patch").is_none(), "{kept}");
+
+    let metrics = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap();
+    assert!(
+        metrics.contains(r#"kinfer_webhook_admissions_total{kind="Deployment",operation="UPDATE",result="allowed",webhook="mutate-deployments"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_cpu_revision_deployment_is_only_labelled_placed() {
+    let (admission, _) = admission();
+    let deployment = revision_deployment(json!({"kinfer.dev/accelerator": "cpu"}));
+    let response = admit(
+        &admission,
+        "/mutate-deployments",
+        deployment_review("CREATE", deployment.clone(), Value::Null),
+    )
+    .await;
+    let mut expected = deployment.clone();
+    expected["spec"]["template"]["metadata"]["labels"]["kinfer.dev/placed"] = json!("template");
+    assert_eq!(apply(&response, deployment), expected);
+}
+
+#[tokio::test]
+async fn a_deployment_that_cannot_be_placed_is_denied_with_the_reason() {
+    let (admission, _) = admission();
+    let mut deployment = revision_deployment(json!({"kinfer.dev/handler": "model:predict"}));
+    deployment["spec"]["template"]["spec"]["volumes"] =
+        json!([{"name": "kinfer-wrapper", "emptyDir": {}}]);
+    let response = admit(
+        &admission,
+        "/mutate-deployments",
+        deployment_review("CREATE", deployment, Value::Null),
+    )
+    .await;
+    assert_eq!(response["allowed"], false);
+    assert_eq!(
+        response["status"]["message"],
+        "kinfer: kinfer.dev/handler: the pod already has a volume named kinfer-wrapper; that name is reserved for the kinfer wrapper"
+    );
+
+    let bad = revision_deployment(json!({"kinfer.dev/gpu-count": "two"}));
+    let response = admit(
+        &admission,
+        "/mutate-deployments",
+        deployment_review("CREATE", bad, Value::Null),
+    )
+    .await;
+    assert_eq!(response["allowed"], false);
+    let message = response["status"]["message"].as_str().unwrap();
+    assert!(message.contains("kinfer.dev/gpu-count"), "{message}");
+}
+
+#[tokio::test]
+async fn deployments_outside_the_scope_are_admitted_unchanged() {
+    let (admission, _) = admission();
+    // Not a revision's Deployment (no revision label): left alone even with kinfer annotations.
+    let mut plain = revision_deployment(json!({"kinfer.dev/accelerator": "gpu"}));
+    plain["metadata"]["labels"] = json!({"app": "plain"});
+    let response = admit(
+        &admission,
+        "/mutate-deployments",
+        deployment_review("CREATE", plain, Value::Null),
+    )
+    .await;
+    assert_eq!(response["allowed"], true);
+    assert!(response.get("patch").is_none(), "{response}");
+    // A Pod sent to the Deployment route is allowed with a warning.
+    let response = admit(
+        &admission,
+        "/mutate-deployments",
+        review("", "v1", "Pod", "CREATE", revision_pod(json!({}))),
+    )
+    .await;
+    assert_eq!(response["allowed"], true);
+    assert_eq!(
+        response["warnings"][0],
+        "kinfer-webhook: mutate-deployments does not handle v1/Pod; admitted unchanged"
     );
 }
