@@ -329,6 +329,12 @@ def show_placement(revision):
         "(so not the 24 GB node)")
     say(f"  init containers: {[c['name'] for c in spec.get('initContainers', [])]}, "
         f"user command: {user.get('command')} {user.get('args', [])}   <- kinfer.dev/handler")
+    deployment = kjson("get", "deployment", "-n", NS, "-l",
+                       f"serving.knative.dev/revision={revision}")["items"][0]
+    placed = deployment["spec"]["template"]["metadata"]["labels"].get("kinfer.dev/placed")
+    say(f"  all of it was set once, on Deployment {deployment['metadata']['name']}'s pod template "
+        f"(kinfer.dev/placed: {placed}), so every pod of the revision starts without an "
+        "admission call")
 
 
 def plot(timeline, path):
