@@ -349,11 +349,7 @@ fn string_map(value: Option<&Value>) -> BTreeMap<String, String> {
 fn mutate_pod(request: &AdmissionRequest<DynamicObject>, config: &KinferConfig) -> Verdict {
     let gvk = &request.kind;
     if !(gvk.group.is_empty() && gvk.kind == "Pod") {
-        return Verdict::ignore(format!(
-            "kinfer-webhook: {} does not handle {}; admitted unchanged",
-            MUTATE_PODS_PATH,
-            describe(gvk)
-        ));
+        return not_handled(MUTATE_PODS_PATH, gvk);
     }
     if request.operation != Operation::Create {
         return Verdict::allow();
@@ -402,11 +398,7 @@ fn mutate_pod(request: &AdmissionRequest<DynamicObject>, config: &KinferConfig) 
 fn mutate_deployment(request: &AdmissionRequest<DynamicObject>, config: &KinferConfig) -> Verdict {
     let gvk = &request.kind;
     if !(gvk.group == "apps" && gvk.kind == "Deployment") {
-        return Verdict::ignore(format!(
-            "kinfer-webhook: {} does not handle {}; admitted unchanged",
-            MUTATE_DEPLOYMENTS_PATH,
-            describe(gvk)
-        ));
+        return not_handled(MUTATE_DEPLOYMENTS_PATH, gvk);
     }
     if !matches!(request.operation, Operation::Create | Operation::Update) {
         return Verdict::allow();
@@ -419,12 +411,7 @@ fn mutate_deployment(request: &AdmissionRequest<DynamicObject>, config: &KinferC
         .labels
         .as_ref()
         .is_some_and(|l| l.contains_key(REVISION_LABEL));
-    let template = object.data.get("spec").and_then(|s| s.get("template"));
-    let annotations = string_map(
-        template
-            .and_then(|t| t.get("metadata"))
-            .and_then(|m| m.get("annotations")),
-    );
+    let (template, annotations) = template_annotations(object);
     if !is_revision || !annotations::has_kinfer_annotations(annotations.keys()) {
         return Verdict::allow();
     }
@@ -477,6 +464,25 @@ fn patched(
     }
 }
 
+/// The answer for a kind a route does not handle: allowed unchanged, with a warning.
+fn not_handled(path: &str, gvk: &kube::core::GroupVersionKind) -> Verdict {
+    Verdict::ignore(format!(
+        "kinfer-webhook: {path} does not handle {}; admitted unchanged",
+        describe(gvk)
+    ))
+}
+
+/// `spec.template` of a Deployment, Service or Configuration, and its annotations.
+fn template_annotations(object: &DynamicObject) -> (Option<&Value>, BTreeMap<String, String>) {
+    let template = object.data.get("spec").and_then(|s| s.get("template"));
+    let annotations = string_map(
+        template
+            .and_then(|t| t.get("metadata"))
+            .and_then(|m| m.get("annotations")),
+    );
+    (template, annotations)
+}
+
 fn describe(gvk: &kube::core::GroupVersionKind) -> String {
     if gvk.group.is_empty() {
         format!("{}/{}", gvk.version, gvk.kind)
@@ -491,11 +497,7 @@ fn describe(gvk: &kube::core::GroupVersionKind) -> String {
 fn validate_service(request: &AdmissionRequest<DynamicObject>, config: &KinferConfig) -> Verdict {
     let gvk = &request.kind;
     if !(gvk.group == KNATIVE_GROUP && ["Service", "Configuration"].contains(&gvk.kind.as_str())) {
-        return Verdict::ignore(format!(
-            "kinfer-webhook: {} does not handle {}; admitted unchanged",
-            VALIDATE_SERVICES_PATH,
-            describe(gvk)
-        ));
+        return not_handled(VALIDATE_SERVICES_PATH, gvk);
     }
     if !matches!(request.operation, Operation::Create | Operation::Update) {
         return Verdict::allow();
@@ -503,12 +505,7 @@ fn validate_service(request: &AdmissionRequest<DynamicObject>, config: &KinferCo
     let Some(object) = &request.object else {
         return Verdict::allow();
     };
-    let template = object.data.get("spec").and_then(|s| s.get("template"));
-    let annotations = string_map(
-        template
-            .and_then(|t| t.get("metadata"))
-            .and_then(|m| m.get("annotations")),
-    );
+    let (template, annotations) = template_annotations(object);
     if !annotations::has_kinfer_annotations(annotations.keys()) {
         return Verdict::allow();
     }
