@@ -1187,4 +1187,40 @@ mod tests {
             Err(PlacementError::NoUserContainer)
         );
     }
+
+    /// The label lands whatever metadata the template has, and a placed template stays as is.
+    #[test]
+    fn a_template_is_labelled_placed_once() {
+        let spec = parse(&BTreeMap::from([(
+            "kinfer.dev/accelerator".to_string(),
+            "gpu".to_string(),
+        )]))
+        .unwrap()
+        .spec;
+        let config = KinferConfig::default();
+        let containers = json!([{ "name": "user-container", "image": "hello" }]);
+        for metadata in [
+            None,
+            Some(json!({})),
+            Some(json!({ "labels": { "app": "hello" } })),
+        ] {
+            let mut template = json!({ "spec": { "containers": containers } });
+            if let Some(m) = metadata {
+                template["metadata"] = m;
+            }
+            let mut deployment = json!({ "spec": { "template": template.clone() } });
+            let typed: PodTemplateSpec = serde_json::from_value(template).unwrap();
+            let m = place_template(&spec, &config, &typed).unwrap();
+            json_patch::patch(&mut deployment, &m.patch).unwrap();
+            let placed = &deployment["spec"]["template"];
+            assert_eq!(placed["metadata"]["labels"][PLACED_LABEL], PLACED_VALUE);
+            assert_eq!(
+                placed["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"],
+                "1"
+            );
+            let again: PodTemplateSpec = serde_json::from_value(placed.clone()).unwrap();
+            let m = place_template(&spec, &config, &again).unwrap();
+            assert!(m.patch.is_empty(), "{:?}", m.patch);
+        }
+    }
 }
